@@ -1,0 +1,95 @@
+"""kdcore: knowledge distillation for PyTorch on a small plugin core.
+
+::
+
+    import kdcore as kd
+
+    model = kd.convert(student, [("kd_loss", {"teacher_model": teacher,
+                                              "criterion": kd.LogitsDistillationLoss()})])
+    loss = model.compute_kd_loss()
+    student = kd.export(model)
+
+Criteria, balancers, teacher loaders, checkpoint backends and modes are plugins; the classes
+below that name one (``kd.LogitsDistillationLoss``...) are looked up in the registries on first
+access, so ``import kdcore`` loads no plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdcore.balancer import DistillationLossBalancer, StudentLossWeightWarning
+from kdcore.config import KDLossConfig, LayerwiseKDConfig
+from kdcore.errors import (
+    ConfigError,
+    ConfigTypeError,
+    DistillationStateError,
+    KDCoreError,
+    PluginConflictError,
+    PluginError,
+    UnknownLayerError,
+    UnknownNameError,
+    UnknownPluginError,
+)
+from kdcore.hookspecs import hookimpl
+from kdcore.model import DistillationModel, DuplicateCaptureWarning
+from kdcore.modes import NotADistillationModelWarning, convert, export
+from kdcore.plugin_manager import PluginHost, PluginWarning, registries, use_host
+
+__version__ = "0.1.0"
+
+# Public names provided by the built-in plugins: (registry, registered name, attribute).
+_PLUGIN_PROVIDED = {
+    "LogitsDistillationLoss": ("criteria", "logits", None),
+    "MFTLoss": ("criteria", "mft", None),
+    "MGDLoss": ("criteria", "mgd", None),
+    "MSELoss": ("criteria", "mse", None),
+    "StaticLossBalancer": ("balancers", "static", None),
+    "LayerwiseDistillationModel": ("modes", "layerwise_kd", "model_class"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PLUGIN_PROVIDED:
+        raise AttributeError(f"module 'kdcore' has no attribute {name!r}")
+    registry_name, registered, attribute = _PLUGIN_PROVIDED[name]
+    obj = getattr(registries(), registry_name).get(registered)
+    return getattr(obj, attribute) if attribute else obj
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PLUGIN_PROVIDED])
+
+
+__all__ = [
+    "ConfigError",
+    "ConfigTypeError",
+    "DistillationLossBalancer",
+    "DistillationModel",
+    "DistillationStateError",
+    "DuplicateCaptureWarning",
+    "KDCoreError",
+    "KDLossConfig",
+    "LayerwiseDistillationModel",
+    "LayerwiseKDConfig",
+    "LogitsDistillationLoss",
+    "MFTLoss",
+    "MGDLoss",
+    "MSELoss",
+    "NotADistillationModelWarning",
+    "PluginConflictError",
+    "PluginError",
+    "PluginHost",
+    "PluginWarning",
+    "StaticLossBalancer",
+    "StudentLossWeightWarning",
+    "UnknownLayerError",
+    "UnknownNameError",
+    "UnknownPluginError",
+    "__version__",
+    "convert",
+    "export",
+    "hookimpl",
+    "registries",
+    "use_host",
+]

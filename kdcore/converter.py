@@ -1,0 +1,135 @@
+"""The project's one cattrs converter and the rules for turning data into configs and plugins.
+
+Serialisation rules live here, apart from the config classes in :mod:`kdcore.config`.
+Every error says where the bad value is (``kd_loss.criterion[1].loss.temprature``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from kdcore.errors import ConfigError, ConfigTypeError, KDCoreError, did_you_mean
+from kdcore.registry import Registry
+
+T = TypeVar("T")
+
+PLUGIN_NAME_KEY = "name"
+
+
+def _strict_scalar(kind: type, accepted: tuple[type, ...]) -> Any:
+    # cattrs would happily turn "no" into True and "3" into 3; a config typo must not pass.
+    def structure(value: Any, _: Any) -> Any:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {kind.__name__}, got a bool ({value!r})")
+        if not isinstance(value, accepted):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} ({value!r})")
+        return kind(value)
+
+    return structure
+
+
+def make_converter() -> cattrs.Converter:
+    """Build the converter every config goes through."""
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    converter.register_structure_hook(bool, _strict_scalar(bool, (bool,)))
+    converter.register_structure_hook(int, _strict_scalar(int, (int,)))
+    converter.register_structure_hook(float, _strict_scalar(float, (int, float)))
+    converter.register_structure_hook(str, _strict_scalar(str, (str,)))
+    return converter
+
+
+converter = make_converter()
+
+
+def structure(data: Any, cls: type[T], *, path: str) -> T:
+    """Structure ``data`` into ``cls``; errors become :class:`ConfigError` naming the path."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigTypeError(
+            f"expected a mapping or {cls.__name__}, got {type(data).__name__}", path=path
+        )
+    try:
+        return converter.structure(dict(data), cls)
+    except Exception as exc:
+        raise _config_error(exc, cls, path) from None
+
+
+def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
+    """The first leaf of a cattrs error tree, as a ConfigError with the leaf's path."""
+    if isinstance(exc, KDCoreError) and isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, ForbiddenExtraKeysError):
+        valid = [field.name for field in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        key = sorted(exc.extra_fields)[0]
+        return ConfigError(f"unknown key{did_you_mean(key, valid)}", path=f"{path}.{key}")
+    if isinstance(exc, ClassValidationError):
+        with_notes, without_notes = exc.group_exceptions()
+        for inner, note in with_notes:
+            return _config_error(inner, None, f"{path}.{note.name}")
+        for inner in without_notes:
+            return _config_error(inner, cls, path)
+    if isinstance(exc, IterableValidationError):
+        with_notes, without_notes = exc.group_exceptions()
+        for inner, note in with_notes:
+            return _config_error(inner, None, f"{path}[{note.index}]")
+        for inner in without_notes:
+            return _config_error(inner, None, path)
+    if isinstance(exc, KeyError):
+        return ConfigError("required key missing", path=path)
+    if isinstance(exc, TypeError):
+        return ConfigTypeError(str(exc), path=path)
+    return ConfigError(str(exc), path=path)
+
+
+def is_plugin_ref(value: object) -> bool:
+    """A plugin reference is a mapping whose ``name`` picks a registered plugin."""
+    return isinstance(value, Mapping) and PLUGIN_NAME_KEY in value
+
+
+def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -> Any:
+    """Call the plugin ``ref["name"]`` with the other keys of ``ref`` as keyword arguments."""
+    name = ref[PLUGIN_NAME_KEY]
+    if not isinstance(name, str):
+        raise ConfigTypeError(
+            f"expected the name of a {registry.kind}, got {type(name).__name__}",
+            path=f"{path}.{PLUGIN_NAME_KEY}",
+        )
+    factory = registry.get(name, where=f"{path}.{PLUGIN_NAME_KEY}")
+    kwargs = {key: value for key, value in ref.items() if key != PLUGIN_NAME_KEY}
+    check_kwargs(factory, kwargs, path=path, what=f"{registry.kind} {name!r}")
+    try:
+        return factory(**kwargs)
+    except KDCoreError as exc:
+        if isinstance(exc, ConfigError) and not exc.path:
+            raise type(exc)(str(exc), path=path) from None
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{registry.kind} {name!r} refused its arguments: {exc}", path=path) from exc
+
+
+def check_kwargs(factory: Any, kwargs: Mapping[str, Any], *, path: str, what: str) -> None:
+    """Refuse keyword arguments ``factory`` does not take, with a close-match hint."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    parameters = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    accepted = [
+        p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    for key in kwargs:
+        if key not in accepted:
+            raise ConfigError(
+                f"unknown key for {what}{did_you_mean(key, accepted)} "
+                f"(accepted: {', '.join(accepted) or 'none'})",
+                path=f"{path}.{key}",
+            )

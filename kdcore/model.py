@@ -1,0 +1,371 @@
+"""The distillation meta-model: the student, converted in place, carrying its teacher and losses.
+
+A converted model's class is a subclass of both :class:`DistillationModel` and the student's own
+class, made once per student class (so ``isinstance(model, StudentCls)`` holds and each class keeps
+its own ``forward`` signature). The teacher, the loss modules and the balancer are child modules;
+forward hooks capture the paired layers' outputs for :meth:`DistillationModel.compute_kd_loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer
+from kdcore.errors import DistillationStateError, did_you_mean
+from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair
+
+TEACHER = "_teacher_model"
+LOSS_MODULES = "_loss_modules"
+BALANCER = "_loss_balancer"
+KD_CHILDREN = (TEACHER, LOSS_MODULES, BALANCER)
+
+
+class DuplicateCaptureWarning(UserWarning):
+    """A layer's output was captured again before compute_kd_loss consumed the previous one."""
+
+
+@attrs.define(eq=False)
+class DistillationState:
+    """What a converted model adds, kept in one object that the hooks share.
+
+    Hooks refer to this state rather than to the model, so no reference cycle keeps a model alive.
+    """
+
+    original_class: type[nn.Module]
+    teacher: nn.Module
+    pairs: tuple[LossPair, ...]
+    balancer: DistillationLossBalancer | None
+    expose_minimal_state_dict: bool
+    training: bool
+    student_outputs: dict[str, Any] = attrs.field(factory=dict)
+    teacher_outputs: dict[str, Any] = attrs.field(factory=dict)
+    handles: list[RemovableHandle] = attrs.field(factory=list)
+    only_student: bool = False
+    only_teacher: bool = False
+    modes: list[tuple[str, Any]] = attrs.field(factory=list)
+
+    def clear_captures(self) -> None:
+        self.student_outputs.clear()
+        self.teacher_outputs.clear()
+
+
+class _CaptureOutput:
+    """Forward hook storing a layer's output under its name until compute_kd_loss takes it."""
+
+    def __init__(self, state: DistillationState, side: str, layer: str) -> None:
+        self.state, self.side, self.layer = state, side, layer
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        state = self.state
+        if self.side == "student" and self.layer == WHOLE_MODEL and state.only_teacher:
+            return  # the meta-model returned the teacher's output, not the student's
+        store = state.student_outputs if self.side == "student" else state.teacher_outputs
+        if state.training and self.layer in store:
+            warnings.warn(
+                f"the output of {self.side} layer {self.layer or '<whole model>'!r} was captured "
+                "again before compute_kd_loss consumed the previous one; expected only with "
+                "activation checkpointing (the newer output is kept)",
+                DuplicateCaptureWarning,
+                stacklevel=2,
+            )
+        store[self.layer] = output
+
+
+class DistillationModel(nn.Module):
+    """A student converted for distillation; made by ``kd.convert``, never instantiated directly.
+
+    Use it in place of the student: ``forward`` runs the frozen teacher first (eval mode,
+    ``no_grad``) and returns the student's output; ``compute_kd_loss`` turns the captured outputs
+    into the loss.
+    """
+
+    _kd: DistillationState
+    _kd_state_class: type[DistillationState] = DistillationState
+
+    # ----------------------------------------------------------------- conversion
+    @classmethod
+    def convert(cls, student: nn.Module, plan: DistillationPlan) -> DistillationModel:
+        """Turn ``student`` (in place) into an instance of ``cls`` following a checked plan."""
+        original_class = type(student)
+        student.__class__ = distillation_class(cls, original_class)
+        model: DistillationModel = student  # type: ignore[assignment]
+        try:
+            model._kd_setup(plan, original_class)
+        except BaseException:
+            model._kd_teardown(original_class)
+            raise
+        return model
+
+    def _kd_setup(self, plan: DistillationPlan, original_class: type[nn.Module]) -> None:
+        teacher = plan.teacher
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self._kd = self._kd_state_class(
+            original_class=original_class,
+            teacher=teacher,
+            pairs=plan.pairs,
+            balancer=plan.balancer,
+            expose_minimal_state_dict=plan.expose_minimal_state_dict,
+            training=self.training,
+        )
+        self.add_module(TEACHER, teacher)
+        self.add_module(
+            LOSS_MODULES, nn.ModuleList(p.loss for p in plan.pairs if isinstance(p.loss, nn.Module))
+        )
+        if plan.balancer is not None:
+            self.add_module(BALANCER, plan.balancer)
+        self._kd_register_capture_hooks()
+
+    def _kd_register_capture_hooks(self) -> None:
+        state = self._kd
+        for side, root, layers in (
+            ("student", self, {p.student_layer for p in state.pairs}),
+            ("teacher", state.teacher, {p.teacher_layer for p in state.pairs}),
+        ):
+            for layer in sorted(layers):
+                module = root.get_submodule(layer)
+                state.handles.append(module.register_forward_hook(_CaptureOutput(state, side, layer)))
+
+    def _kd_teardown(self, original_class: type[nn.Module]) -> None:
+        """Undo :meth:`_kd_setup`, also when it stopped half-way, and restore ``original_class``."""
+        state = self.__dict__.pop("_kd", None)
+        for name in KD_CHILDREN:
+            self._modules.pop(name, None)
+        if state is not None:
+            for handle in state.handles:
+                handle.remove()
+            state.clear_captures()
+        self.__class__ = original_class
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        state = self._kd
+        if state.only_teacher:
+            with torch.no_grad():
+                return state.teacher(*args, **kwargs)
+        if not state.only_student:
+            if state.teacher.training:  # someone called teacher.train(); it stays frozen in eval
+                state.teacher.eval()
+            with torch.no_grad():
+                state.teacher(*args, **kwargs)
+        with self._hidden_children(KD_CHILDREN):  # containers such as nn.Sequential iterate children
+            return super().forward(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> DistillationModel:
+        switched = mode != self.training
+        super().train(mode)
+        self._kd.teacher.eval()
+        self._kd.training = mode
+        if switched:
+            self._kd.clear_captures()
+        return self
+
+    # ----------------------------------------------------------------- loss
+    def compute_kd_loss(
+        self,
+        student_loss: torch.Tensor | None = None,
+        loss_reduction_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        skip_balancer: bool = False,
+        **loss_fn_kwargs: Any,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Compute the distillation loss from the outputs captured in the last forward.
+
+        Returns ``{"student_loss": ..., "<Loss>_<i>": ...}`` with ``skip_balancer=True``; the single
+        KD loss when there is no balancer; else the balancer's total. ``loss_reduction_fn`` is
+        applied to each KD loss (not to ``student_loss``). Extra keyword arguments go to each loss
+        whose ``forward`` accepts them (``labels=`` for ``MFTLoss``, say).
+        """
+        state = self._kd
+        if student_loss is not None and state.balancer is None and not skip_balancer:
+            raise DistillationStateError(
+                "compute_kd_loss got student_loss but the model has no loss_balancer to combine "
+                "it with the KD loss; configure one (e.g. {'name': 'static'}) or add the losses "
+                "yourself with skip_balancer=True"
+            )
+        self._check_loss_kwargs(loss_fn_kwargs)
+        losses: dict[str, torch.Tensor] = {}
+        if student_loss is not None:
+            losses[STUDENT_LOSS_KEY] = student_loss
+        for pair in state.pairs:
+            student_out = self._captured(state.student_outputs, "student", pair.student_layer)
+            teacher_out = self._captured(state.teacher_outputs, "teacher", pair.teacher_layer)
+            kwargs = (
+                loss_fn_kwargs
+                if pair.accepted_kwargs is None
+                else {k: v for k, v in loss_fn_kwargs.items() if k in pair.accepted_kwargs}
+            )
+            loss = pair.loss(student_out, teacher_out, **kwargs)
+            losses[pair.key] = loss_reduction_fn(loss) if loss_reduction_fn is not None else loss
+        state.clear_captures()
+        if skip_balancer:
+            return losses
+        if state.balancer is None:
+            return losses[state.pairs[0].key]
+        return state.balancer(losses)
+
+    def _check_loss_kwargs(self, loss_fn_kwargs: dict[str, Any]) -> None:
+        pairs = self._kd.pairs
+        if not loss_fn_kwargs or any(p.accepted_kwargs is None for p in pairs):
+            return
+        accepted = set().union(*(p.accepted_kwargs or () for p in pairs))
+        for key in loss_fn_kwargs:
+            if key not in accepted:
+                raise TypeError(
+                    f"compute_kd_loss got the keyword {key!r}, which no loss accepts"
+                    f"{did_you_mean(key, accepted)} (losses: {', '.join(p.key for p in pairs)})"
+                )
+
+    @staticmethod
+    def _captured(store: dict[str, Any], side: str, layer: str) -> Any:
+        if layer not in store:
+            raise DistillationStateError(
+                f"no output of {side} layer {layer or '<whole model>'!r} was captured since the "
+                "last compute_kd_loss: run a forward pass first"
+                + (" outside only_student_forward()" if side == "teacher" else "")
+            )
+        return store[layer]
+
+    # ----------------------------------------------------------------- context managers
+    @contextlib.contextmanager
+    def only_student_forward(self, enable: bool = True) -> Iterator[None]:
+        """Inside the block, forward runs the student alone (no teacher, e.g. for inference)."""
+        with self._flag("only_student", enable):
+            yield
+
+    @contextlib.contextmanager
+    def only_teacher_forward(self, enable: bool = True) -> Iterator[None]:
+        """Inside the block, forward runs the teacher alone and returns its output."""
+        with self._flag("only_teacher", enable):
+            yield
+
+    @contextlib.contextmanager
+    def hide_teacher_model(self, enable: bool = True) -> Iterator[None]:
+        """Inside the block the teacher is not a child (absent from ``state_dict``, ``modules``)."""
+        with self._hidden_children((TEACHER,) if enable else ()):
+            yield
+
+    @contextlib.contextmanager
+    def hide_loss_modules(self, enable: bool = True) -> Iterator[None]:
+        """Inside the block the loss modules are not children."""
+        with self._hidden_children((LOSS_MODULES,) if enable else ()):
+            yield
+
+    @contextlib.contextmanager
+    def _flag(self, name: str, enable: bool) -> Iterator[None]:
+        state = self._kd
+        other = "only_teacher" if name == "only_student" else "only_student"
+        if enable and getattr(state, other):
+            raise DistillationStateError(
+                f"{name}_forward() inside {other}_forward(): at most one side can run alone"
+            )
+        previous = getattr(state, name)
+        setattr(state, name, enable or previous)
+        try:
+            yield
+        finally:
+            setattr(state, name, previous)
+
+    @contextlib.contextmanager
+    def _hidden_children(self, names: tuple[str, ...]) -> Iterator[None]:
+        modules = self._modules
+        hidden = {name: modules.pop(name) for name in names if name in modules}
+        if not hidden:
+            yield
+            return
+        try:
+            yield
+        finally:
+            # Our children were last and stay last, so keys keep their order.
+            modules.update(hidden)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def teacher_model(self) -> nn.Module:
+        return self._kd.teacher
+
+    @property
+    def loss_modules(self) -> nn.ModuleList:
+        return self._modules[LOSS_MODULES]  # type: ignore[return-value]
+
+    @property
+    def loss_balancer(self) -> DistillationLossBalancer | None:
+        return self._kd.balancer
+
+    # ----------------------------------------------------------------- state dict
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        with self.hide_teacher_model(self._kd.expose_minimal_state_dict):
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a meta-model state dict, or a plain student one (loss modules left as they are)."""
+        has = {name: any(k.startswith(name + ".") for k in state_dict) for name in KD_CHILDREN}
+        hidden = tuple(
+            name
+            for name in (TEACHER, LOSS_MODULES)
+            if not has[name] or (name == TEACHER and self._kd.expose_minimal_state_dict)
+        )
+        with self._hidden_children(hidden):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _forward_with_signature(wrapper_forward: Callable[..., Any], student_forward: Any) -> Any:
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return wrapper_forward(self, *args, **kwargs)
+
+    functools.update_wrapper(forward, student_forward, assigned=("__doc__", "__name__"))
+    forward.__signature__ = inspect.signature(student_forward)  # type: ignore[attr-defined]
+    return forward
+
+
+class _StudentSequence:
+    """Container methods for ``nn.Sequential`` students, seeing the student's layers only."""
+
+    def __len__(self: Any) -> int:
+        with self._hidden_children(KD_CHILDREN):
+            return len(self._modules)
+
+    def __iter__(self: Any) -> Iterator[nn.Module]:
+        with self._hidden_children(KD_CHILDREN):
+            return iter(list(self._modules.values()))
+
+    def __getitem__(self: Any, index: Any) -> Any:
+        with self._hidden_children(KD_CHILDREN):
+            items = list(self._modules.items())
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(items[index]))
+        return items[index][1]
+
+
+_classes: dict[tuple[type, type], type] = {}
+
+
+def distillation_class(wrapper: type[DistillationModel], student_class: type[nn.Module]) -> type:
+    """The class of a ``student_class`` converted by ``wrapper``; one per pair, made on first use."""
+    key = (wrapper, student_class)
+    if key not in _classes:
+        namespace: dict[str, Any] = {
+            "forward": _forward_with_signature(wrapper.forward, student_class.forward),
+            "__module__": student_class.__module__,
+            "__qualname__": student_class.__qualname__,
+            "__doc__": student_class.__doc__,
+        }
+        bases: tuple[type, ...] = (wrapper, student_class)
+        if issubclass(student_class, nn.Sequential):
+            bases = (wrapper, _StudentSequence, student_class)
+        _classes[key] = type(student_class.__name__, bases, namespace)
+    return _classes[key]
+
+
+def is_distillation_model(model: object) -> bool:
+    return isinstance(model, DistillationModel) and "_kd" in model.__dict__

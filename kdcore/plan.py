@@ -1,0 +1,227 @@
+"""Checking a distillation config and resolving it into a plan, without touching the model.
+
+``convert`` builds the whole plan first, so that any mistake is reported before the student
+changes: a failed ``convert`` leaves the student exactly as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from torch import nn
+
+from kdcore.balancer import DistillationLossBalancer
+from kdcore.config import KDLossConfig
+from kdcore.converter import instantiate, is_plugin_ref
+from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest
+from kdcore.plugin_manager import registries
+from kdcore.teacher import build_teacher
+
+WHOLE_MODEL = ""
+
+
+@attrs.frozen
+class LossPair:
+    """One criterion entry: a student layer, a teacher layer and the loss between their outputs."""
+
+    student_layer: str
+    teacher_layer: str
+    loss: Callable[..., Any]
+    key: str  # the loss-dict key, f"{loss name}_{index}"
+    accepted_kwargs: frozenset[str] | None  # None: the loss takes **kwargs
+
+
+@attrs.frozen
+class DistillationPlan:
+    teacher: nn.Module
+    pairs: tuple[LossPair, ...]
+    balancer: DistillationLossBalancer | None
+    expose_minimal_state_dict: bool
+
+
+def plan_distillation(
+    student: nn.Module, config: KDLossConfig, *, path: str, whole_model_allowed: bool = True
+) -> DistillationPlan:
+    """Resolve and check ``config`` against ``student``; raises before anything is changed."""
+    if not isinstance(config.expose_minimal_state_dict, bool):
+        raise ConfigTypeError(
+            f"expected a bool, got {config.expose_minimal_state_dict!r}",
+            path=f"{path}.expose_minimal_state_dict",
+        )
+    raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
+    teacher = build_teacher(config.teacher_model, path=f"{path}.teacher_model")
+    if teacher is student:
+        raise ConfigError("the teacher is the student itself", path=f"{path}.teacher_model")
+
+    pairs = []
+    for index, (student_layer, teacher_layer, loss, entry_path) in enumerate(raw_pairs):
+        if not whole_model_allowed and WHOLE_MODEL in (student_layer, teacher_layer):
+            raise ConfigError(
+                "this mode pairs layers explicitly; the whole model ('') cannot be one side",
+                path=entry_path,
+            )
+        _check_layer(student, student_layer, "student", f"{entry_path}.student")
+        _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
+        loss = _build_loss(loss, path=f"{entry_path}.loss")
+        pairs.append(
+            LossPair(
+                student_layer,
+                teacher_layer,
+                loss,
+                key=f"{loss_name(loss)}_{index}",
+                accepted_kwargs=_accepted_kwargs(loss),
+            )
+        )
+
+    balancer = _build_balancer(config.loss_balancer, path=f"{path}.loss_balancer")
+    if balancer is None and len(pairs) > 1:
+        raise ConfigError(
+            f"{len(pairs)} KD losses need a loss_balancer to be combined into one "
+            "(e.g. {'name': 'static', 'kd_loss_weight': ...})",
+            path=f"{path}.loss_balancer",
+        )
+    if balancer is not None:
+        try:
+            balancer.check_kd_losses([pair.key for pair in pairs])
+        except ValueError as exc:
+            raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
+    return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
+
+
+def loss_name(loss: Callable[..., Any]) -> str:
+    if isinstance(loss, nn.Module):
+        return type(loss).__name__
+    return getattr(loss, "__name__", type(loss).__name__)
+
+
+def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any, str]]:
+    """Every accepted criterion form, as (student layer, teacher layer, loss, config path)."""
+    if criterion is None:
+        raise ConfigError(
+            "is required: a loss, {(student_layer, teacher_layer): loss} or a list of "
+            "{'student': ..., 'teacher': ..., 'loss': ...}",
+            path=path,
+        )
+    if is_plugin_ref(criterion) or _is_loss(criterion):
+        return [(WHOLE_MODEL, WHOLE_MODEL, criterion, path)]
+    if isinstance(criterion, Mapping):
+        if not criterion:
+            raise ConfigError("has no entries", path=path)
+        entries = []
+        for index, (layers, loss) in enumerate(criterion.items()):
+            entry_path = f"{path}[{index}]"
+            if not (
+                isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(n, str) for n in layers)
+            ):
+                raise ConfigTypeError(
+                    f"keys must be (student_layer, teacher_layer) tuples of strings, got {layers!r}"
+                    + ("; a plugin mapping needs a 'name' key" if isinstance(layers, str) else ""),
+                    path=entry_path,
+                )
+            entries.append((layers[0], layers[1], loss, entry_path))
+        return entries
+    if isinstance(criterion, Sequence) and not isinstance(criterion, (str, bytes)):
+        if not criterion:
+            raise ConfigError("has no entries", path=path)
+        return [_pair_entry(item, f"{path}[{i}]") for i, item in enumerate(criterion)]
+    raise ConfigTypeError(f"expected a loss or layer pairs, got {type(criterion).__name__}", path=path)
+
+
+def _pair_entry(item: Any, path: str) -> tuple[str, str, Any, str]:
+    if not isinstance(item, Mapping):
+        raise ConfigTypeError(
+            f"expected {{'student': ..., 'teacher': ..., 'loss': ...}}, got {type(item).__name__}",
+            path=path,
+        )
+    allowed = ("student", "teacher", "loss")
+    for key in item:
+        if key not in allowed:
+            hint = closest(str(key), allowed)
+            raise ConfigError(
+                "unknown key" + (f"; did you mean {hint!r}?" if hint else ""), path=f"{path}.{key}"
+            )
+    for key in allowed:
+        if key not in item:
+            raise ConfigError("required key missing", path=f"{path}.{key}")
+    for key in ("student", "teacher"):
+        if not isinstance(item[key], str):
+            raise ConfigTypeError(
+                f"expected a layer name, got {type(item[key]).__name__}", path=f"{path}.{key}"
+            )
+    return item["student"], item["teacher"], item["loss"], path
+
+
+def _is_loss(value: Any) -> bool:
+    return isinstance(value, nn.Module) or (callable(value) and not isinstance(value, type))
+
+
+def _build_loss(loss: Any, *, path: str) -> Callable[..., Any]:
+    if is_plugin_ref(loss):
+        return instantiate(registries().criteria, loss, path=path)  # type: ignore[no-any-return]
+    if isinstance(loss, type):
+        raise ConfigTypeError(
+            f"got the class {loss.__name__}; pass an instance, e.g. {loss.__name__}()", path=path
+        )
+    if not callable(loss):
+        raise ConfigTypeError(
+            f"expected a loss module, a callable or {{'name': ...}}, got {type(loss).__name__}",
+            path=path,
+        )
+    return loss  # type: ignore[no-any-return]
+
+
+def _build_balancer(spec: Any, *, path: str) -> DistillationLossBalancer | None:
+    if spec is None:
+        return None
+    balancer = instantiate(registries().balancers, spec, path=path) if is_plugin_ref(spec) else spec
+    if not isinstance(balancer, DistillationLossBalancer):
+        raise ConfigTypeError(
+            f"expected a DistillationLossBalancer or {{'name': ...}}, got {type(balancer).__name__}",
+            path=path,
+        )
+    parameters = [name for name, _ in balancer.named_parameters()]
+    if parameters:
+        raise ConfigError(
+            f"{type(balancer).__name__} has parameters ({', '.join(parameters)}); balancers must "
+            "be parameter-free (put learnable weights in a loss module)",
+            path=path,
+        )
+    return balancer
+
+
+def _check_layer(model: nn.Module, name: str, side: str, path: str) -> None:
+    if name == WHOLE_MODEL:
+        return
+    known = [n for n, _ in model.named_modules() if n]
+    if name not in known:
+        suggestions = sorted(known, key=lambda n: _similarity(name, n), reverse=True)[:5]
+        hint = closest(name, known)
+        raise UnknownLayerError(
+            f"{path}: the {side} ({type(model).__name__}) has no layer {name!r}"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + (f" (close names: {', '.join(suggestions)})" if suggestions else ""),
+            name=name,
+        )
+
+
+def _similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _accepted_kwargs(loss: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword arguments ``loss`` takes beyond the two outputs (None: any)."""
+    target = loss.forward if isinstance(loss, nn.Module) else loss
+    try:
+        parameters = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    # The first two parameters receive the student and teacher outputs.
+    return frozenset(
+        p.name for p in parameters[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )

@@ -1,0 +1,59 @@
+"""Turning a ``teacher_model`` spec into the teacher ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from kdcore.converter import instantiate, is_plugin_ref
+from kdcore.errors import ConfigError, ConfigTypeError
+from kdcore.plugin_manager import registries
+
+SPEC_FORMS = (
+    "an nn.Module, a class or callable returning one, a tuple (fn,), (fn, args) or "
+    "(fn, args, kwargs), or a teacher-loader mapping {'name': ..., ...}"
+)
+
+
+def build_teacher(spec: Any, *, path: str) -> nn.Module:
+    """Build the teacher described by ``spec``; ``path`` names the config key in errors."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if is_plugin_ref(spec):
+        teacher = instantiate(registries().teacher_loaders, spec, path=path)
+        return _checked(teacher, f"teacher loader {spec['name']!r}", path)
+    if spec is None:
+        raise ConfigError("is required: " + SPEC_FORMS, path=path)
+    if isinstance(spec, tuple):
+        fn, args, kwargs = _unpack_tuple(spec, path)
+    elif callable(spec):
+        fn, args, kwargs = spec, (), {}
+    else:
+        raise ConfigTypeError(f"got {type(spec).__name__}; expected {SPEC_FORMS}", path=path)
+    name = getattr(fn, "__qualname__", repr(fn))
+    return _checked(fn(*args, **kwargs), name, path)
+
+
+def _unpack_tuple(spec: tuple[Any, ...], path: str) -> tuple[Any, Any, Any]:
+    if not 1 <= len(spec) <= 3:
+        raise ConfigError(
+            f"a tuple spec has 1 to 3 items (fn, args, kwargs), got {len(spec)}", path=path
+        )
+    fn, args, kwargs = (*spec, (), {})[:3] if len(spec) == 1 else (*spec, {})[:3]
+    if not callable(fn):
+        raise ConfigTypeError(f"first item must be callable, got {type(fn).__name__}", path=path)
+    if not isinstance(args, (tuple, list)):
+        raise ConfigTypeError(f"args must be a tuple or list, got {type(args).__name__}", path=path)
+    if not isinstance(kwargs, Mapping):
+        raise ConfigTypeError(f"kwargs must be a dict, got {type(kwargs).__name__}", path=path)
+    return fn, tuple(args), dict(kwargs)
+
+
+def _checked(teacher: object, source: str, path: str) -> nn.Module:
+    if not isinstance(teacher, nn.Module):
+        raise ConfigTypeError(
+            f"{source} returned {type(teacher).__name__}, not an nn.Module", path=path
+        )
+    return teacher
