@@ -54,32 +54,49 @@ class DistillationState:
     only_student: bool = False
     only_teacher: bool = False
     modes: list[tuple[str, Any]] = attrs.field(factory=list)
+    captures_whole_student: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.captures_whole_student = any(p.student_layer == WHOLE_MODEL for p in self.pairs)
+
+    capturing: bool = False  # only outputs of the meta-model's own forward are captured
 
     def clear_captures(self) -> None:
         self.student_outputs.clear()
         self.teacher_outputs.clear()
 
+    def store(self, side: str, layer: str, output: Any) -> None:
+        store = self.student_outputs if side == "student" else self.teacher_outputs
+        if self.training and layer in store:
+            warnings.warn(
+                f"the output of {side} layer {layer or '<whole model>'!r} was captured again "
+                "before compute_kd_loss consumed the previous one (the newer output is kept); "
+                "call compute_kd_loss after each training forward",
+                DuplicateCaptureWarning,
+                stacklevel=4,
+            )
+        store[layer] = output
+
+    @contextlib.contextmanager
+    def capturing_outputs(self) -> Iterator[None]:
+        self.capturing = True
+        try:
+            yield
+        finally:
+            self.capturing = False
+
 
 class _CaptureOutput:
-    """Forward hook storing a layer's output under its name until compute_kd_loss takes it."""
+    """Forward hook storing a layer's output until compute_kd_loss takes it."""
 
     def __init__(self, state: DistillationState, side: str, layer: str) -> None:
         self.state, self.side, self.layer = state, side, layer
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        state = self.state
-        if self.side == "student" and self.layer == WHOLE_MODEL and state.only_teacher:
-            return  # the meta-model returned the teacher's output, not the student's
-        store = state.student_outputs if self.side == "student" else state.teacher_outputs
-        if state.training and self.layer in store:
-            warnings.warn(
-                f"the output of {self.side} layer {self.layer or '<whole model>'!r} was captured "
-                "again before compute_kd_loss consumed the previous one; expected only with "
-                "activation checkpointing (the newer output is kept)",
-                DuplicateCaptureWarning,
-                stacklevel=2,
-            )
-        store[self.layer] = output
+        # Calls outside the meta-model's forward (the user running model.teacher_model(x),
+        # activation checkpointing recomputing a layer in backward) are not captured.
+        if self.state.capturing:
+            self.state.store(self.side, self.layer, output)
 
 
 class DistillationModel(nn.Module):
@@ -130,7 +147,7 @@ class DistillationModel(nn.Module):
     def _kd_register_capture_hooks(self) -> None:
         state = self._kd
         for side, root, layers in (
-            ("student", self, {p.student_layer for p in state.pairs}),
+            ("student", self, {p.student_layer for p in state.pairs} - {WHOLE_MODEL}),
             ("teacher", state.teacher, {p.teacher_layer for p in state.pairs}),
         ):
             for layer in sorted(layers):
@@ -151,16 +168,20 @@ class DistillationModel(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self._kd
-        if state.only_teacher:
-            with torch.no_grad():
-                return state.teacher(*args, **kwargs)
-        if not state.only_student:
-            if state.teacher.training:  # someone called teacher.train(); it stays frozen in eval
-                state.teacher.eval()
-            with torch.no_grad():
-                state.teacher(*args, **kwargs)
-        with self._hidden_children(KD_CHILDREN):  # containers such as nn.Sequential iterate children
-            return super().forward(*args, **kwargs)
+        with state.capturing_outputs():
+            if state.only_teacher:
+                with torch.no_grad():
+                    return state.teacher(*args, **kwargs)
+            if not state.only_student:
+                if state.teacher.training:  # a stray teacher.train() must not unfreeze batch norm
+                    state.teacher.eval()
+                with torch.no_grad():
+                    state.teacher(*args, **kwargs)
+            with self._hidden_children(KD_CHILDREN):  # nn.Sequential & co. iterate their children
+                output = super().forward(*args, **kwargs)
+            if state.captures_whole_student:
+                state.store("student", WHOLE_MODEL, output)
+            return output
 
     def train(self, mode: bool = True) -> DistillationModel:
         switched = mode != self.training
@@ -279,6 +300,7 @@ class DistillationModel(nn.Module):
     @contextlib.contextmanager
     def _hidden_children(self, names: tuple[str, ...]) -> Iterator[None]:
         modules = self._modules
+        order = list(modules)
         hidden = {name: modules.pop(name) for name in names if name in modules}
         if not hidden:
             yield
@@ -286,8 +308,12 @@ class DistillationModel(nn.Module):
         try:
             yield
         finally:
-            # Our children were last and stay last, so keys keep their order.
             modules.update(hidden)
+            if list(modules)[: len(order)] != order:  # only when a hidden child was not last
+                reordered = {name: modules[name] for name in order if name in modules}
+                reordered.update(modules)
+                modules.clear()
+                modules.update(reordered)
 
     # ----------------------------------------------------------------- properties
     @property

@@ -58,7 +58,7 @@ def plan_distillation(
         raise ConfigError("the teacher is the student itself", path=f"{path}.teacher_model")
 
     pairs = []
-    for index, (student_layer, teacher_layer, loss, entry_path) in enumerate(raw_pairs):
+    for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
         if not whole_model_allowed and WHOLE_MODEL in (student_layer, teacher_layer):
             raise ConfigError(
                 "this mode pairs layers explicitly; the whole model ('') cannot be one side",
@@ -66,7 +66,7 @@ def plan_distillation(
             )
         _check_layer(student, student_layer, "student", f"{entry_path}.student")
         _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
-        loss = _build_loss(loss, path=f"{entry_path}.loss")
+        loss = _build_loss(loss, path=loss_path)
         pairs.append(
             LossPair(
                 student_layer,
@@ -98,8 +98,9 @@ def loss_name(loss: Callable[..., Any]) -> str:
     return getattr(loss, "__name__", type(loss).__name__)
 
 
-def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any, str]]:
-    """Every accepted criterion form, as (student layer, teacher layer, loss, config path)."""
+def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any, str, str]]:
+    """Every accepted criterion form, as (student layer, teacher layer, loss, entry path,
+    loss path)."""
     if criterion is None:
         raise ConfigError(
             "is required: a loss, {(student_layer, teacher_layer): loss} or a list of "
@@ -107,7 +108,7 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
             path=path,
         )
     if is_plugin_ref(criterion) or _is_loss(criterion):
-        return [(WHOLE_MODEL, WHOLE_MODEL, criterion, path)]
+        return [(WHOLE_MODEL, WHOLE_MODEL, criterion, path, path)]
     if isinstance(criterion, Mapping):
         if not criterion:
             raise ConfigError("has no entries", path=path)
@@ -122,7 +123,7 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
                     + ("; a plugin mapping needs a 'name' key" if isinstance(layers, str) else ""),
                     path=entry_path,
                 )
-            entries.append((layers[0], layers[1], loss, entry_path))
+            entries.append((layers[0], layers[1], loss, entry_path, f"{entry_path}.loss"))
         return entries
     if isinstance(criterion, Sequence) and not isinstance(criterion, (str, bytes)):
         if not criterion:
@@ -131,7 +132,7 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
     raise ConfigTypeError(f"expected a loss or layer pairs, got {type(criterion).__name__}", path=path)
 
 
-def _pair_entry(item: Any, path: str) -> tuple[str, str, Any, str]:
+def _pair_entry(item: Any, path: str) -> tuple[str, str, Any, str, str]:
     if not isinstance(item, Mapping):
         raise ConfigTypeError(
             f"expected {{'student': ..., 'teacher': ..., 'loss': ...}}, got {type(item).__name__}",
@@ -152,7 +153,7 @@ def _pair_entry(item: Any, path: str) -> tuple[str, str, Any, str]:
             raise ConfigTypeError(
                 f"expected a layer name, got {type(item[key]).__name__}", path=f"{path}.{key}"
             )
-    return item["student"], item["teacher"], item["loss"], path
+    return item["student"], item["teacher"], item["loss"], path, f"{path}.loss"
 
 
 def _is_loss(value: Any) -> bool:
