@@ -19,6 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from kdcore.balancer import DistillationLossBalancer, StudentLossWeightWarning
+from kdcore.checkpoint import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointVersionError,
+    CheckpointWriteError,
+    restore,
+    save,
+)
 from kdcore.config import KDLossConfig, LayerwiseKDConfig
 from kdcore.errors import (
     ConfigError,
@@ -35,6 +44,8 @@ from kdcore.hookspecs import hookimpl
 from kdcore.model import DistillationModel, DuplicateCaptureWarning
 from kdcore.modes import NotADistillationModelWarning, convert, export
 from kdcore.plugin_manager import PluginHost, PluginWarning, registries, use_host
+from kdcore.record import NotRecordableWarning
+from kdcore.references import UntrustedReferenceError, teacher_factory
 
 __version__ = "0.1.0"
 
@@ -62,6 +73,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "CheckpointVersionError",
+    "CheckpointWriteError",
     "ConfigError",
     "ConfigTypeError",
     "DistillationLossBalancer",
@@ -77,6 +93,7 @@ __all__ = [
     "MGDLoss",
     "MSELoss",
     "NotADistillationModelWarning",
+    "NotRecordableWarning",
     "PluginConflictError",
     "PluginError",
     "PluginHost",
@@ -86,10 +103,14 @@ __all__ = [
     "UnknownLayerError",
     "UnknownNameError",
     "UnknownPluginError",
+    "UntrustedReferenceError",
     "__version__",
     "convert",
     "export",
     "hookimpl",
     "registries",
+    "restore",
+    "save",
+    "teacher_factory",
     "use_host",
 ]

@@ -15,6 +15,7 @@ import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from kdcore.errors import ConfigError, ConfigTypeError, KDCoreError, did_you_mean
+from kdcore.references import resolve
 from kdcore.registry import Registry
 
 T = TypeVar("T")
@@ -94,24 +95,43 @@ def is_plugin_ref(value: object) -> bool:
 
 
 def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -> Any:
-    """Call the plugin ``ref["name"]`` with the other keys of ``ref`` as keyword arguments."""
+    """Call the plugin ``ref["name"]`` with the other keys of ``ref`` as keyword arguments.
+
+    ``name`` is a registered name, or a ``"package.module:Class"`` reference for a class that
+    no plugin registers.
+    """
     name = ref[PLUGIN_NAME_KEY]
     if not isinstance(name, str):
         raise ConfigTypeError(
             f"expected the name of a {registry.kind}, got {type(name).__name__}",
             path=f"{path}.{PLUGIN_NAME_KEY}",
         )
-    factory = registry.get(name, where=f"{path}.{PLUGIN_NAME_KEY}")
+    if ":" in name:
+        try:
+            factory = resolve(name, what=f"{registry.kind} class")
+        except KDCoreError as exc:
+            raise _at_path(exc, f"{path}.{PLUGIN_NAME_KEY}") from None
+    else:
+        factory = registry.get(name, where=f"{path}.{PLUGIN_NAME_KEY}")
     kwargs = {key: value for key, value in ref.items() if key != PLUGIN_NAME_KEY}
     check_kwargs(factory, kwargs, path=path, what=f"{registry.kind} {name!r}")
     try:
         return factory(**kwargs)
     except KDCoreError as exc:
-        if isinstance(exc, ConfigError) and not exc.path:
-            raise type(exc)(str(exc), path=path) from None
-        raise
+        raise _at_path(exc, path) from None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{registry.kind} {name!r} refused its arguments: {exc}", path=path) from exc
+        raise ConfigError(
+            f"{registry.kind} {name!r} refused its arguments: {exc}", path=path
+        ) from exc
+
+
+def _at_path(exc: KDCoreError, path: str) -> KDCoreError:
+    """Prefix ``exc``'s message with ``path`` unless it already names one."""
+    if not getattr(exc, "path", "") and not str(exc).startswith(path):
+        exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
+        if isinstance(exc, ConfigError):
+            exc.path = path
+    return exc
 
 
 def check_kwargs(factory: Any, kwargs: Mapping[str, Any], *, path: str, what: str) -> None:
@@ -123,13 +143,11 @@ def check_kwargs(factory: Any, kwargs: Mapping[str, Any], *, path: str, what: st
     parameters = signature.parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
-    accepted = [
-        p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    accepted = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for key in kwargs:
         if key not in accepted:
             raise ConfigError(
-                f"unknown key for {what}{did_you_mean(key, accepted)} "
-                f"(accepted: {', '.join(accepted) or 'none'})",
+                f"unknown key{did_you_mean(key, accepted)} "
+                f"({what} takes: {', '.join(accepted) or 'no arguments'})",
                 path=f"{path}.{key}",
             )

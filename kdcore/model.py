@@ -53,7 +53,7 @@ class DistillationState:
     handles: list[RemovableHandle] = attrs.field(factory=list)
     only_student: bool = False
     only_teacher: bool = False
-    modes: list[tuple[str, Any]] = attrs.field(factory=list)
+    modes: list[Any] = attrs.field(factory=list)  # kdcore.record.ModeRecord, in order
     captures_whole_student: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -152,7 +152,9 @@ class DistillationModel(nn.Module):
         ):
             for layer in sorted(layers):
                 module = root.get_submodule(layer)
-                state.handles.append(module.register_forward_hook(_CaptureOutput(state, side, layer)))
+                state.handles.append(
+                    module.register_forward_hook(_CaptureOutput(state, side, layer))
+                )
 
     def _kd_teardown(self, original_class: type[nn.Module]) -> None:
         """Undo :meth:`_kd_setup`, also when it stopped half-way, and restore ``original_class``."""
@@ -377,7 +379,7 @@ _classes: dict[tuple[type, type], type] = {}
 
 
 def distillation_class(wrapper: type[DistillationModel], student_class: type[nn.Module]) -> type:
-    """The class of a ``student_class`` converted by ``wrapper``; one per pair, made on first use."""
+    """The class of ``student_class`` converted by ``wrapper``; made once per pair."""
     key = (wrapper, student_class)
     if key not in _classes:
         namespace: dict[str, Any] = {

@@ -60,8 +60,6 @@ def convert(model: nn.Module, mode: ModeSpec) -> nn.Module:
     try:
         for name, mode_impl, config in steps:
             model = mode_impl.convert(model, config, path=name)
-            if is_distillation_model(model):
-                model._kd.modes.append((name, config))
     except BaseException:
         # A later step failed after an earlier one converted the model: undo that too.
         if is_distillation_model(model) and not was_distillation_model:
@@ -115,7 +113,8 @@ def _mode_steps(mode: ModeSpec) -> list[tuple[str, Any]]:
             steps.append((step[0], step[1]))
         else:
             raise ConfigTypeError(
-                f"expected a mode name or a (name, config) pair, got {step!r}", path=f"mode[{index}]"
+                f"expected a mode name or a (name, config) pair, got {step!r}",
+                path=f"mode[{index}]",
             )
     return steps
 
@@ -131,8 +130,7 @@ def _prepare(step: tuple[str, Any], index: int) -> tuple[str, Mode, Any]:
         return name, mode_impl, None
     if raw_config is None:
         raise ConfigError(
-            f"mode {name!r} needs a config ({config_class.__name__}); "
-            f"pass [({name!r}, {{...}})]",
+            f"mode {name!r} needs a config ({config_class.__name__}); pass [({name!r}, {{...}})]",
             path=name,
         )
     return name, mode_impl, structure(raw_config, config_class, path=name)

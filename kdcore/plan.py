@@ -116,7 +116,9 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
         for index, (layers, loss) in enumerate(criterion.items()):
             entry_path = f"{path}[{index}]"
             if not (
-                isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(n, str) for n in layers)
+                isinstance(layers, tuple)
+                and len(layers) == 2
+                and all(isinstance(n, str) for n in layers)
             ):
                 raise ConfigTypeError(
                     f"keys must be (student_layer, teacher_layer) tuples of strings, got {layers!r}"
@@ -129,7 +131,9 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
         if not criterion:
             raise ConfigError("has no entries", path=path)
         return [_pair_entry(item, f"{path}[{i}]") for i, item in enumerate(criterion)]
-    raise ConfigTypeError(f"expected a loss or layer pairs, got {type(criterion).__name__}", path=path)
+    raise ConfigTypeError(
+        f"expected a loss or layer pairs, got {type(criterion).__name__}", path=path
+    )
 
 
 def _pair_entry(item: Any, path: str) -> tuple[str, str, Any, str, str]:
@@ -181,7 +185,8 @@ def _build_balancer(spec: Any, *, path: str) -> DistillationLossBalancer | None:
     balancer = instantiate(registries().balancers, spec, path=path) if is_plugin_ref(spec) else spec
     if not isinstance(balancer, DistillationLossBalancer):
         raise ConfigTypeError(
-            f"expected a DistillationLossBalancer or {{'name': ...}}, got {type(balancer).__name__}",
+            "expected a DistillationLossBalancer or {'name': ...}, "
+            f"got {type(balancer).__name__}",
             path=path,
         )
     parameters = [name for name, _ in balancer.named_parameters()]

@@ -36,9 +36,7 @@ class Registries:
     criteria: Registry[Any] = attrs.field(factory=lambda: Registry("criterion"))
     balancers: Registry[Any] = attrs.field(factory=lambda: Registry("loss balancer"))
     teacher_loaders: Registry[Any] = attrs.field(factory=lambda: Registry("teacher loader"))
-    checkpoint_backends: Registry[Any] = attrs.field(
-        factory=lambda: Registry("checkpoint backend")
-    )
+    checkpoint_backends: Registry[Any] = attrs.field(factory=lambda: Registry("checkpoint backend"))
     modes: Registry[Any] = attrs.field(factory=lambda: Registry("mode"))
 
     def by_hook(self) -> list[tuple[str, Registry[Any]]]:

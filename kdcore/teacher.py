@@ -27,7 +27,7 @@ def build_teacher(spec: Any, *, path: str) -> nn.Module:
     if spec is None:
         raise ConfigError("is required: " + SPEC_FORMS, path=path)
     if isinstance(spec, tuple):
-        fn, args, kwargs = _unpack_tuple(spec, path)
+        fn, args, kwargs = unpack_spec_tuple(spec, path=path)
     elif callable(spec):
         fn, args, kwargs = spec, (), {}
     else:
@@ -36,12 +36,14 @@ def build_teacher(spec: Any, *, path: str) -> nn.Module:
     return _checked(fn(*args, **kwargs), name, path)
 
 
-def _unpack_tuple(spec: tuple[Any, ...], path: str) -> tuple[Any, Any, Any]:
+def unpack_spec_tuple(spec: tuple[Any, ...], *, path: str) -> tuple[Any, Any, Any]:
+    """``(fn,)``, ``(fn, args)`` or ``(fn, args, kwargs)`` -> ``(fn, args, kwargs)``, checked."""
     if not 1 <= len(spec) <= 3:
         raise ConfigError(
             f"a tuple spec has 1 to 3 items (fn, args, kwargs), got {len(spec)}", path=path
         )
-    fn, args, kwargs = (*spec, (), {})[:3] if len(spec) == 1 else (*spec, {})[:3]
+    defaults: tuple[Any, ...] = ((), {})
+    fn, args, kwargs = spec + defaults[len(spec) - 1 :]
     if not callable(fn):
         raise ConfigTypeError(f"first item must be callable, got {type(fn).__name__}", path=path)
     if not isinstance(args, (tuple, list)):

@@ -21,6 +21,7 @@ class TinyNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x))) * scale
 
 
+@kd.teacher_factory
 def make_teacher() -> TinyNet:
     """A named teacher factory (module-level, so it can be referenced by 'module:qualname')."""
     torch.manual_seed(1)

@@ -159,7 +159,7 @@ def test_unknown_criterion_name_lists_registered_ones() -> None:
 def test_bad_criterion_argument_names_the_path() -> None:
     convert_fails(
         kd.ConfigError,
-        r"kd_loss\.criterion\[1\]\.loss\.temprature: unknown key .*did you mean 'temperature'",
+        r"kd_loss\.criterion\[1\]\.loss\.temprature: unknown key; did you mean 'temperature'\?",
         base(
             criterion=[
                 {"student": "fc1", "teacher": "fc1", "loss": {"name": "mse"}},

@@ -311,9 +311,12 @@ def test_only_teacher_forward_returns_the_teacher_output(
 
 def test_only_student_and_only_teacher_together_are_refused(student: TinyNet) -> None:
     model = kd_model(student)
-    with model.only_teacher_forward(), pytest.raises(kd.DistillationStateError):
-        with model.only_student_forward():
-            pass
+    with (
+        model.only_teacher_forward(),
+        pytest.raises(kd.DistillationStateError),
+        model.only_student_forward(),
+    ):
+        pass
 
 
 def test_hide_teacher_model_and_hide_loss_modules(student: TinyNet) -> None:
@@ -450,4 +453,7 @@ def test_a_training_step_updates_student_and_learnable_loss_not_teacher(
     optimizer.step()
     assert not torch.equal(model.fc1.weight, student_before)
     assert not torch.equal(model.loss_modules[0].proj.weight, projection_before)
-    assert all(torch.equal(a, b) for a, b in zip(model.teacher_model.parameters(), teacher_before))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.teacher_model.parameters(), teacher_before, strict=True)
+    )

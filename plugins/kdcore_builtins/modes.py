@@ -12,6 +12,7 @@ from kdcore.config import KDLossConfig, LayerwiseKDConfig
 from kdcore.errors import ConfigError
 from kdcore.model import DistillationModel, is_distillation_model
 from kdcore.plan import plan_distillation
+from kdcore.record import record_distillation
 from kdcore.registry import Registry
 from kdcore_builtins.layerwise import LayerwiseDistillationModel
 
@@ -32,7 +33,10 @@ class DistillationMode:
         plan = plan_distillation(
             model, config, path=path, whole_model_allowed=self.whole_model_allowed
         )
-        return self.model_class.convert(model, plan)
+        record = record_distillation(config, plan, path=path)
+        distillation_model = self.model_class.convert(model, plan)
+        distillation_model._kd.modes.append(record)
+        return distillation_model
 
 
 class ExportStudentMode:

@@ -1,0 +1,466 @@
+"""``kd.save`` and ``kd.restore``: what a checkpoint holds and how a model comes back from one.
+
+A checkpoint is a set of named tensors plus a JSON manifest (format version, kdcore version,
+the applied modes recorded as data, optimizer scalars). Backends (plugins) decide how they are
+laid out on disk; this module decides what goes in and rebuilds the model, and never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import attrs
+import torch
+from torch import nn
+
+from kdcore.errors import KDCoreError
+from kdcore.model import BALANCER, LOSS_MODULES, TEACHER, is_distillation_model
+from kdcore.modes import convert, export, unwrap
+from kdcore.plugin_manager import registries
+from kdcore.record import ModeRecord, NotRecordableWarning
+from kdcore.references import TrustPolicy, reference_of, restoring
+
+FORMAT = "kdcore.checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_BACKEND = "safetensors"
+OPTIMIZER_PREFIX = "__optimizer__."
+
+
+class CheckpointError(KDCoreError, ValueError):
+    """A checkpoint cannot be restored; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: {problem}")
+
+
+class CheckpointFormatError(CheckpointError):
+    """The file is damaged, truncated, or not a kdcore checkpoint at all."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """The checkpoint was written in a newer format than this kdcore reads."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not fit the model (missing, unexpected or of another shape)."""
+
+
+class CheckpointWriteError(KDCoreError, OSError):
+    """Writing a checkpoint failed; whatever was at the path before is still there."""
+
+
+@attrs.frozen
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class CheckpointReader(Protocol):
+    """An open checkpoint: its manifest and its tensors, read on demand."""
+
+    manifest: str
+    tensors: Mapping[str, TensorInfo]
+
+    def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name``; read into ``out`` when given (same dtype and shape)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class CheckpointBackend(Protocol):
+    """What a checkpoint-backend plugin registers."""
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` holds this backend's format, judged by content, not by name."""
+        ...
+
+    def write(
+        self, path: Path, tensors: Mapping[str, torch.Tensor], manifest: str, **options: Any
+    ) -> None:
+        """Write atomically: a crash leaves the previous checkpoint at ``path`` intact."""
+        ...
+
+    def open(self, path: Path) -> CheckpointReader:
+        """Open for reading; raise :class:`CheckpointFormatError` for a damaged file."""
+        ...
+
+
+# ---------------------------------------------------------------------------------- save
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    backend: str = DEFAULT_BACKEND,
+    **backend_options: Any,
+) -> Path:
+    """Save a distillation model (or a plain or exported student) to ``path``.
+
+    The student's tensors, the learnable loss modules and balancer state, the teacher when its
+    spec cannot rebuild it, and ``optimizer``'s state when given. Returns the path written.
+    """
+    path = Path(path)
+    model = unwrap(model)
+    writer: CheckpointBackend = registries().checkpoint_backends.get(backend, where="backend")
+    tensors, aliases = _deduplicated(_model_tensors(model))
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kdcore_version": _kdcore_version(),
+        "student_class": reference_of(
+            model._kd.original_class if is_distillation_model(model) else type(model)
+        ),
+        "modes": [attrs.asdict(record) for record in _records(model)],
+        "aliases": aliases,
+        "optimizer": None,
+    }
+    if optimizer is not None:
+        manifest["optimizer"] = _optimizer_manifest(optimizer, tensors)
+    try:
+        text = json.dumps(manifest, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointWriteError(f"{path}: the manifest is not plain data: {exc}") from exc
+    writer.write(path, tensors, text, **backend_options)
+    return path
+
+
+def _records(model: nn.Module) -> list[ModeRecord]:
+    return list(model._kd.modes) if is_distillation_model(model) else []
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    if not is_distillation_model(model):
+        return dict(model.state_dict())
+    keep_teacher = any(record.teacher_weights for record in model._kd.modes)
+    with model.hide_teacher_model(not keep_teacher):
+        return dict(nn.Module.state_dict(model))
+
+
+def _deduplicated(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied tensors once: ``{alias: stored name}`` for the others."""
+    stored: dict[tuple[Any, ...], str] = {}
+    unique, aliases = {}, {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            unique[name] = tensor
+            continue
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.device,
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if key in stored:
+            aliases[name] = stored[key]
+        else:
+            stored[key] = name
+            unique[name] = tensor
+    return unique, aliases
+
+
+def _optimizer_manifest(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIMIZER_PREFIX}state.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return {
+        "class": reference_of(type(optimizer)),
+        "param_groups": state["param_groups"],
+        "scalars": scalars,
+    }
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[IO[bytes]]:
+    """Write ``path`` through a temporary file in the same folder, fsync, then rename.
+
+    Readers see the old file or the new one, never a mix; on any error the temporary file is
+    removed and the old file is untouched.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CheckpointWriteError(f"{path}: folder {str(folder)!r} does not exist")
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(exc, OSError) and not isinstance(exc, KDCoreError):
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+            raise CheckpointWriteError(
+                f"{path}: writing the checkpoint failed ({reason}); the previous file at this "
+                "path, if any, is unchanged"
+            ) from exc
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+# ---------------------------------------------------------------------------------- restore
+def restore(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    teacher_model: nn.Module | None = None,
+    trust: Iterable[Any] = (),
+    optimizer: torch.optim.Optimizer | None = None,
+) -> nn.Module:
+    """Return ``model`` as it was saved at ``path``.
+
+    ``model`` is a fresh student (a saved distillation model is rebuilt around it: teacher from
+    its recorded spec or ``teacher_model=``, criteria and balancer from the registries) or a model
+    already converted with the same config. Code the file names runs only if trusted (see
+    :mod:`kdcore.references`); ``trust`` adds ``"module:qualname"`` strings or objects.
+    Every check runs before the model changes; on error the model is left as it was.
+    """
+    path = Path(path)
+    policy = TrustPolicy(trust, registered=_registered_anywhere)
+    model = unwrap(model)
+    with contextlib.closing(open_checkpoint(path)) as reader:
+        manifest = parse_manifest(reader.manifest, path)
+        available = {
+            name: info
+            for name, info in reader.tensors.items()
+            if not name.startswith(OPTIMIZER_PREFIX)
+        }
+        for alias, target in manifest["aliases"].items():
+            if target not in available:
+                raise CheckpointFormatError(
+                    path, f"alias {alias!r} names missing tensor {target!r}"
+                )
+            available[alias] = available[target]
+        if optimizer is not None:
+            _check_optimizer(optimizer, manifest, path)
+        saved_modes = manifest["modes"]
+        converted_here = False
+        if saved_modes and not is_distillation_model(model):
+            _check_tensors(_student_shapes(model), available, path, partial=True)
+            modes = _modes_to_rebuild(saved_modes, teacher_model, path)
+            with restoring(policy), warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotRecordableWarning)
+                try:
+                    model = convert(model, modes)
+                except KDCoreError as exc:
+                    exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
+                    raise
+            converted_here = True
+        elif not saved_modes and is_distillation_model(model):
+            raise CheckpointMismatchError(
+                path,
+                "holds a plain student but the model is a distillation model; "
+                "pass the student (kd.export(model)) instead",
+            )
+        try:
+            targets = _load_targets(model, saved_modes)
+            _check_tensors(
+                {name: TensorInfo(t.dtype, tuple(t.shape)) for name, t in targets.items()},
+                available,
+                path,
+                partial=False,
+            )
+        except BaseException:
+            if converted_here:
+                export(model)
+            raise
+        with torch.no_grad():
+            for name, target in targets.items():
+                source = manifest["aliases"].get(name, name)
+                reader.load(source, out=target)
+        if optimizer is not None:
+            optimizer.load_state_dict(_optimizer_state(manifest, reader))
+    return model
+
+
+def open_checkpoint(path: Path) -> CheckpointReader:
+    """Find the backend whose format ``path`` holds and open it."""
+    if not path.exists():
+        raise CheckpointNotFoundError(path, "no such file or folder")
+    backends = registries().checkpoint_backends
+    for _, backend, _ in backends.items():
+        if backend.detect(path):
+            return backend.open(path)  # type: ignore[no-any-return]
+    raise CheckpointFormatError(path, _describe_unknown(path, backends.names()))
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Nothing at the path."""
+
+
+def _describe_unknown(path: Path, backends: list[str]) -> str:
+    if path.is_file():
+        with open(path, "rb") as file:
+            head = file.read(4)
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            return "is a pickle file; kdcore never unpickles (re-save it with kd.save)"
+        if head == b"PK\x03\x04":
+            return "is a zip archive (torch.save output?); kdcore never unpickles"
+    return f"is not a checkpoint any installed backend reads ({', '.join(backends)})"
+
+
+def parse_manifest(text: str, path: Path) -> dict[str, Any]:
+    """Check the manifest's shape and version; return it as a dict."""
+    try:
+        manifest = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointFormatError(path, f"the manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointFormatError(path, "has no kdcore manifest (not written by kd.save)")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointFormatError(path, f"format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointVersionError(
+            path,
+            f"was written by kdcore {manifest.get('kdcore_version')!r} in checkpoint format "
+            f"{version}; this kdcore ({_kdcore_version()}) reads up to format {FORMAT_VERSION}: "
+            "upgrade kdcore",
+        )
+    expected_types = {"modes": list, "aliases": dict, "optimizer": (dict, type(None))}
+    for key, types in expected_types.items():
+        if not isinstance(manifest.get(key), types):
+            raise CheckpointFormatError(path, f"manifest {key!r} has the wrong type")
+    for index, mode in enumerate(manifest["modes"]):
+        valid = (
+            isinstance(mode, dict)
+            and isinstance(mode.get("name"), str)
+            and isinstance(mode.get("config"), (dict, type(None)))
+            and isinstance(mode.get("missing"), list)
+            and isinstance(mode.get("teacher_weights"), bool)
+        )
+        if not valid:
+            raise CheckpointFormatError(path, f"manifest modes[{index}] is malformed")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["aliases"].items()):
+        raise CheckpointFormatError(path, "manifest 'aliases' must map names to names")
+    return manifest
+
+
+def _modes_to_rebuild(
+    saved_modes: list[dict[str, Any]], teacher_model: nn.Module | None, path: Path
+) -> list[tuple[str, Any]]:
+    modes = []
+    for mode in saved_modes:
+        config = dict(mode["config"] or {})
+        for where, why in mode["missing"]:
+            if where.endswith(".teacher_model") and teacher_model is not None:
+                continue
+            hint = (
+                "pass teacher_model= to kd.restore"
+                if where.endswith(".teacher_model")
+                else ("convert the model with the same config yourself, then call kd.restore on it")
+            )
+            raise CheckpointError(path, f"{where} could not be recorded ({why}); {hint}")
+        if teacher_model is not None:
+            config["teacher_model"] = teacher_model
+        modes.append((mode["name"], config))
+    return modes
+
+
+def _student_shapes(model: nn.Module) -> dict[str, TensorInfo]:
+    return {n: TensorInfo(t.dtype, tuple(t.shape)) for n, t in model.state_dict().items()}
+
+
+def _load_targets(model: nn.Module, saved_modes: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The model's tensors the checkpoint fills (parameters and buffers, by state-dict name)."""
+    if not is_distillation_model(model):
+        return dict(model.state_dict(keep_vars=True))
+    keep_teacher = any(mode["teacher_weights"] for mode in saved_modes)
+    with model.hide_teacher_model(not keep_teacher):
+        return dict(nn.Module.state_dict(model, keep_vars=True))
+
+
+def _check_tensors(
+    expected: Mapping[str, TensorInfo],
+    available: Mapping[str, TensorInfo],
+    path: Path,
+    *,
+    partial: bool,
+) -> None:
+    """Every expected tensor is in the file with its shape; ``partial``: ignore kdcore's own."""
+    kd_prefixes = tuple(f"{name}." for name in (TEACHER, LOSS_MODULES, BALANCER))
+    for name, info in expected.items():
+        if name not in available:
+            raise CheckpointMismatchError(path, f"has no tensor {name!r}, which the model needs")
+        if tuple(available[name].shape) != info.shape:
+            raise CheckpointMismatchError(
+                path,
+                f"tensor {name!r} has shape {list(available[name].shape)} in the file but "
+                f"{list(info.shape)} in the model",
+            )
+    for name in available:
+        if name not in expected and not (partial and name.startswith(kd_prefixes)):
+            raise CheckpointMismatchError(path, f"holds tensor {name!r}, which the model lacks")
+
+
+def _check_optimizer(
+    optimizer: torch.optim.Optimizer, manifest: dict[str, Any], path: Path
+) -> None:
+    saved = manifest["optimizer"]
+    if saved is None:
+        raise CheckpointMismatchError(path, "holds no optimizer state (save with optimizer=)")
+    if not isinstance(saved.get("param_groups"), list) or not isinstance(
+        saved.get("scalars"), dict
+    ):
+        raise CheckpointFormatError(path, "manifest 'optimizer' is malformed")
+    ours = [len(group["params"]) for group in optimizer.param_groups]
+    theirs = [len(group.get("params", ())) for group in saved["param_groups"]]
+    if ours != theirs:
+        raise CheckpointMismatchError(
+            path, f"optimizer parameter groups hold {theirs} parameters, the given optimizer {ours}"
+        )
+
+
+def _optimizer_state(manifest: dict[str, Any], reader: CheckpointReader) -> dict[str, Any]:
+    saved = manifest["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for index, values in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    for name in reader.tensors:
+        if name.startswith(OPTIMIZER_PREFIX):
+            _, index, key = name[len(OPTIMIZER_PREFIX) :].split(".", 2)
+            state.setdefault(int(index), {})[key] = reader.load(name)
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _registered_anywhere(obj: Any) -> bool:
+    all_registries = registries()
+    return any(registry.name_of(obj) is not None for _, registry in all_registries.by_hook())
+
+
+def _kdcore_version() -> str:
+    from kdcore import __version__
+
+    return __version__
