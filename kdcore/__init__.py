@@ -29,6 +29,7 @@ from kdcore.checkpoint import (
     save,
 )
 from kdcore.config import KDLossConfig, LayerwiseKDConfig
+from kdcore.config_files import load_config
 from kdcore.errors import (
     ConfigError,
     ConfigTypeError,
@@ -42,7 +43,7 @@ from kdcore.errors import (
 )
 from kdcore.hookspecs import hookimpl
 from kdcore.model import DistillationModel, DuplicateCaptureWarning
-from kdcore.modes import NotADistillationModelWarning, convert, export
+from kdcore.modes import NotADistillationModelWarning, check, convert, export
 from kdcore.plugin_manager import PluginHost, PluginWarning, registries, use_host
 from kdcore.record import NotRecordableWarning
 from kdcore.references import UntrustedReferenceError, teacher_factory
@@ -105,9 +106,11 @@ __all__ = [
     "UnknownPluginError",
     "UntrustedReferenceError",
     "__version__",
+    "check",
     "convert",
     "export",
     "hookimpl",
+    "load_config",
     "registries",
     "restore",
     "save",

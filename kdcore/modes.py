@@ -34,6 +34,10 @@ class Mode(Protocol):
         """
         ...
 
+    def describe(self, config: Any, *, path: str, student: nn.Module | None) -> list[str]:
+        """Check ``config`` as far as possible without building models; describe the result."""
+        ...
+
 
 class NotADistillationModelWarning(UserWarning):
     """``export`` was given a model that ``convert`` did not make; it is returned unchanged."""
@@ -66,6 +70,18 @@ def convert(model: nn.Module, mode: ModeSpec) -> nn.Module:
             model._kd_teardown(model._kd.original_class)
         raise
     return model
+
+
+def check(mode: ModeSpec, *, student: nn.Module | None = None) -> list[str]:
+    """Check ``mode`` as ``convert`` would, without building teachers; describe each step.
+
+    With ``student``, layer names are checked against it too (the student is not changed).
+    """
+    lines = []
+    for index, step in enumerate(_mode_steps(mode)):
+        name, mode_impl, config = _prepare(step, index)
+        lines.extend(mode_impl.describe(config, path=name, student=student))
+    return lines
 
 
 def export(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from kdcore.config import KDLossConfig
 from kdcore.converter import instantiate, is_plugin_ref
 from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest
 from kdcore.plugin_manager import registries
-from kdcore.teacher import build_teacher
+from kdcore.teacher import build_teacher, check_teacher_spec
 
 WHOLE_MODEL = ""
 
@@ -90,6 +90,47 @@ def plan_distillation(
         except ValueError as exc:
             raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
     return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
+
+
+def describe_distillation(
+    config: KDLossConfig,
+    *,
+    path: str,
+    whole_model_allowed: bool = True,
+    student: nn.Module | None = None,
+) -> list[str]:
+    """Check ``config`` without building the teacher; describe what ``convert`` would build.
+
+    Student layer names are checked when ``student`` is given. Used by ``kdcore check``.
+    """
+    raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
+    lines = [
+        f"{path}:",
+        f"  teacher: {check_teacher_spec(config.teacher_model, path=f'{path}.teacher_model')}",
+    ]
+    for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
+        if not whole_model_allowed and WHOLE_MODEL in (student_layer, teacher_layer):
+            raise ConfigError("this mode pairs layers explicitly", path=entry_path)
+        if student is not None:
+            _check_layer(student, student_layer, "student", f"{entry_path}.student")
+        built = _build_loss(loss, path=loss_path)
+        lines.append(
+            f"  {loss_name(built)}_{index}: student {student_layer or '<output>'!r} <- teacher "
+            f"{teacher_layer or '<output>'!r}: {built!r}"
+        )
+    balancer = _build_balancer(config.loss_balancer, path=f"{path}.loss_balancer")
+    if balancer is None and len(raw_pairs) > 1:
+        raise ConfigError(
+            f"{len(raw_pairs)} KD losses need a loss_balancer", path=f"{path}.loss_balancer"
+        )
+    if balancer is not None:
+        try:
+            balancer.check_kd_losses([f"loss_{i}" for i in range(len(raw_pairs))])
+        except ValueError as exc:
+            raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
+    lines.append(f"  loss balancer: {balancer!r}")
+    lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")
+    return lines
 
 
 def loss_name(loss: Callable[..., Any]) -> str:

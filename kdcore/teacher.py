@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from kdcore.converter import instantiate, is_plugin_ref
+from kdcore.converter import check_kwargs, instantiate, is_plugin_ref
 from kdcore.errors import ConfigError, ConfigTypeError
 from kdcore.plugin_manager import registries
 
@@ -34,6 +34,32 @@ def build_teacher(spec: Any, *, path: str) -> nn.Module:
         raise ConfigTypeError(f"got {type(spec).__name__}; expected {SPEC_FORMS}", path=path)
     name = getattr(fn, "__qualname__", repr(fn))
     return _checked(fn(*args, **kwargs), name, path)
+
+
+def check_teacher_spec(spec: Any, *, path: str) -> str:
+    """Check ``spec`` without building the teacher; return a one-line description of it."""
+    if isinstance(spec, nn.Module):
+        return f"the given {type(spec).__name__} instance"
+    if is_plugin_ref(spec):
+        name = spec["name"]
+        loader = registries().teacher_loaders.get(name, where=f"{path}.name")
+        kwargs = {key: value for key, value in spec.items() if key != "name"}
+        check_kwargs(loader, kwargs, path=path, what=f"teacher loader {name!r}")
+        validate = getattr(loader, "validate", None)  # optional: check arguments without loading
+        if validate is not None:
+            try:
+                validate(**kwargs)
+            except ConfigError as exc:
+                raise ConfigError(str(exc), path=path) from None
+        return f"teacher loader {name!r} with {kwargs}"
+    if spec is None:
+        raise ConfigError("is required: " + SPEC_FORMS, path=path)
+    fn, args, kwargs = (
+        unpack_spec_tuple(spec, path=path) if isinstance(spec, tuple) else (spec, (), {})
+    )
+    if not callable(fn):
+        raise ConfigTypeError(f"got {type(spec).__name__}; expected {SPEC_FORMS}", path=path)
+    return f"{getattr(fn, '__qualname__', fn)}(*{list(args)}, **{kwargs})"
 
 
 def unpack_spec_tuple(spec: tuple[Any, ...], *, path: str) -> tuple[Any, Any, Any]:

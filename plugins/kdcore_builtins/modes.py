@@ -11,7 +11,7 @@ import kdcore
 from kdcore.config import KDLossConfig, LayerwiseKDConfig
 from kdcore.errors import ConfigError
 from kdcore.model import DistillationModel, is_distillation_model
-from kdcore.plan import plan_distillation
+from kdcore.plan import describe_distillation, plan_distillation
 from kdcore.record import record_distillation
 from kdcore.registry import Registry
 from kdcore_builtins.layerwise import LayerwiseDistillationModel
@@ -33,10 +33,15 @@ class DistillationMode:
         plan = plan_distillation(
             model, config, path=path, whole_model_allowed=self.whole_model_allowed
         )
-        record = record_distillation(config, plan, path=path)
+        record = record_distillation(config, plan, path=path)  # warns now, not at save
         distillation_model = self.model_class.convert(model, plan)
         distillation_model._kd.modes.append(record)
         return distillation_model
+
+    def describe(self, config: KDLossConfig, *, path: str, student: nn.Module | None) -> list[str]:
+        return describe_distillation(
+            config, path=path, whole_model_allowed=self.whole_model_allowed, student=student
+        )
 
 
 class ExportStudentMode:
@@ -49,6 +54,9 @@ class ExportStudentMode:
             raise ConfigError(f"{type(model).__name__} is not a distillation model", path=path)
         model._kd_teardown(model._kd.original_class)  # type: ignore[attr-defined]
         return model
+
+    def describe(self, config: Any, *, path: str, student: nn.Module | None) -> list[str]:
+        return [f"{path}: give back the student"]
 
 
 @kdcore.hookimpl

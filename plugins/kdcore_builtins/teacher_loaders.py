@@ -27,6 +27,17 @@ def load_callable_teacher(
     return factory(*args, **dict(kwargs or {}))  # type: ignore[no-any-return]
 
 
+def validate_callable_teacher(
+    target: str, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None
+) -> None:
+    """Check that ``target`` names a callable, without calling it (``kdcore check``)."""
+    if not callable(resolve(target, what="teacher factory")):
+        raise ConfigTypeError(f"{target!r} is not callable")
+
+
+load_callable_teacher.validate = validate_callable_teacher  # type: ignore[attr-defined]
+
+
 @kdcore.hookimpl
 def kdcore_register_teacher_loaders(registry: Registry[Any]) -> None:
     registry.add("callable", load_callable_teacher)
