@@ -120,9 +120,8 @@ def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -
     except KDCoreError as exc:
         raise _at_path(exc, path) from None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"{registry.kind} {name!r} refused its arguments: {exc}", path=path
-        ) from exc
+        error = ConfigTypeError if isinstance(exc, TypeError) else ConfigError
+        raise error(f"{registry.kind} {name!r} refused its arguments: {exc}", path=path) from exc
 
 
 def _at_path(exc: KDCoreError, path: str) -> KDCoreError:

@@ -87,7 +87,7 @@ def plan_distillation(
     if balancer is not None:
         try:
             balancer.check_kd_losses([pair.key for pair in pairs])
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
     return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
 
@@ -126,7 +126,7 @@ def describe_distillation(
     if balancer is not None:
         try:
             balancer.check_kd_losses([f"loss_{i}" for i in range(len(raw_pairs))])
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
     lines.append(f"  loss balancer: {balancer!r}")
     lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")

@@ -50,7 +50,8 @@ def batch() -> torch.Tensor:
 
 @pytest.fixture
 def builtin_host() -> kd.PluginHost:
-    """A fresh host that loads only kdcore's own entry points, made current for the test."""
+    """A fresh host over the installed entry points (ignoring $KDCORE_DISABLE_PLUGINS),
+    made current for the test."""
     host = kd.PluginHost(blocked=())
     with kd.use_host(host):
         yield host

@@ -26,7 +26,8 @@ class StaticLossBalancer(DistillationLossBalancer):
         super().__init__()
         self.kd_loss_weight = kd_loss_weight
         self.weights = _checked_weights(kd_loss_weight)
-        self.student_loss_weight = 1.0 - math.fsum(self.weights)
+        # Sums a rounding error above 1 are accepted as 1: the student weight is never negative.
+        self.student_loss_weight = max(0.0, 1.0 - math.fsum(self.weights))
         if self.student_loss_weight > 0:
             warnings.warn(
                 f"kd_loss_weight sums to {math.fsum(self.weights):g} < 1: the remaining "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,6 +37,12 @@ def _check_temperature(temperature: float) -> float:
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     return float(temperature)
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _check_reduction(reduction: str) -> str:
@@ -95,7 +102,8 @@ class MFTLoss(nn.Module):
     ``a = (1 - threshold) / (1 - p_label + p_max_other)`` and the label takes the freed mass, so
     that it leads by exactly ``threshold``. The loss is ``KL(q || softmax(s / T)) * T**2`` over the
     positions whose label is not ``ignore_index``; ``"batchmean"`` divides by their count.
-    ``forward(student, teacher, labels)``; logits are flattened to ``[N, C]``.
+    ``forward(student, teacher, labels)``; logits are flattened to ``[N, C]``, and with
+    ``"none"`` the per-position losses come back in the logits' leading shape (0 where ignored).
     """
 
     def __init__(
@@ -121,24 +129,30 @@ class MFTLoss(nn.Module):
         student = as_logits(student_output, "student")
         teacher = as_logits(teacher_output, "teacher")
         _check_same_shape(student, teacher, type(self).__name__)
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+            raise TypeError(
+                f"MFTLoss: labels must be an integer tensor, got "
+                f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+            )
+        positions_shape = student.shape[:-1]
         classes = student.shape[-1]
         student, teacher = student.reshape(-1, classes), teacher.reshape(-1, classes)
         labels = labels.reshape(-1)
         if labels.shape[0] != student.shape[0]:
-            raise ValueError(
-                f"MFTLoss: {labels.shape[0]} labels for {student.shape[0]} positions"
-            )
+            raise ValueError(f"MFTLoss: {labels.shape[0]} labels for {student.shape[0]} positions")
         valid = labels != self.ignore_index
         student, teacher, labels = student[valid], teacher[valid], labels[valid]
         if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
-            raise ValueError(f"MFTLoss: labels must lie in [0, {classes}) or be {self.ignore_index}")
+            raise ValueError(
+                f"MFTLoss: labels must lie in [0, {classes}) or be {self.ignore_index}"
+            )
         target = self.corrected_teacher(teacher.detach() / self.temperature, labels)
         log_student = F.log_softmax(student / self.temperature, dim=-1)
         per_position = F.kl_div(log_student, target, reduction="none").sum(-1)
         per_position = per_position * self.temperature**2
         if self.reduction == "none":
             full = per_position.new_zeros(valid.shape[0])
-            return full.masked_scatter(valid, per_position)
+            return full.masked_scatter(valid, per_position).reshape(positions_shape)
         if self.reduction == "sum":
             return per_position.sum()
         if self.reduction == "batchmean":
@@ -155,6 +169,8 @@ class MFTLoss(nn.Module):
         scale = torch.where(needs_correction, scale, torch.ones_like(scale))
         corrected = probs * scale[:, None]
         corrected = torch.where(label_mask, (1 - scale * (1 - p_label))[:, None], corrected)
+        # Rows whose label already leads by ``threshold`` stay exactly the teacher's distribution.
+        corrected = torch.where(needs_correction[:, None], corrected, probs)
         return corrected.to(teacher_logits.dtype)
 
     def extra_repr(self) -> str:
@@ -184,8 +200,12 @@ class MGDLoss(nn.Module):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= lambda_mgd <= 1:
+        if not math.isfinite(_check_number("alpha_mgd", alpha_mgd)):
+            raise ValueError(f"alpha_mgd must be finite, got {alpha_mgd!r}")
+        if not 0 <= _check_number("lambda_mgd", lambda_mgd) <= 1:
             raise ValueError(f"lambda_mgd must be in [0, 1], got {lambda_mgd!r}")
+        self.num_student_channels = num_student_channels
+        self.num_teacher_channels = num_teacher_channels
         self.alpha_mgd = float(alpha_mgd)
         self.lambda_mgd = float(lambda_mgd)
         self.align: nn.Module = (
@@ -205,6 +225,11 @@ class MGDLoss(nn.Module):
                 f"MGDLoss expects [N, C, H, W] feature maps, got student "
                 f"{tuple(student_output.shape)} and teacher {tuple(teacher_output.shape)}"
             )
+        if student_output.shape[1] != self.num_student_channels:
+            raise ValueError(
+                f"MGDLoss was built for {self.num_student_channels} student channels, got student "
+                f"features {tuple(student_output.shape)}"
+            )
         aligned = self.align(student_output)
         if aligned.shape != teacher_output.shape:
             raise ValueError(
@@ -212,14 +237,23 @@ class MGDLoss(nn.Module):
                 f"features {tuple(teacher_output.shape)}"
             )
         batch, _, height, width = aligned.shape
-        keep = torch.rand(batch, 1, height, width, device=aligned.device) > self.lambda_mgd
+        # P(rand < lambda) = lambda: exactly none masked at 0, all at 1.
+        keep = torch.rand(batch, 1, height, width, device=aligned.device) >= self.lambda_mgd
         generated = self.generation(aligned * keep.to(aligned.dtype))
         loss = F.mse_loss(generated, teacher_output.detach(), reduction="sum") / batch
         return loss * self.alpha_mgd
 
+    def extra_repr(self) -> str:
+        return f"alpha_mgd={self.alpha_mgd}, lambda_mgd={self.lambda_mgd}"
+
 
 class MSELoss(nn.MSELoss):
     """Mean squared error between paired outputs (FitNets-style hint loss when shapes match)."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be one of mean, sum, none; got {reduction!r}")
+        super().__init__(reduction=reduction)
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
         _check_same_shape(student_output, teacher_output, type(self).__name__)
