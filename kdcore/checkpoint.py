@@ -349,7 +349,11 @@ def parse_manifest(text: str, path: Path) -> dict[str, Any]:
             f"{version}; this kdcore ({_kdcore_version()}) reads up to format {FORMAT_VERSION}: "
             "upgrade kdcore",
         )
-    expected_types = {"modes": list, "aliases": dict, "optimizer": (dict, type(None))}
+    expected_types: dict[str, type | tuple[type, ...]] = {
+        "modes": list,
+        "aliases": dict,
+        "optimizer": (dict, type(None)),
+    }
     for key, types in expected_types.items():
         if not isinstance(manifest.get(key), types):
             raise CheckpointFormatError(path, f"manifest {key!r} has the wrong type")

@@ -77,10 +77,10 @@ def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
         for inner in without_notes:
             return _config_error(inner, cls, path)
     if isinstance(exc, IterableValidationError):
-        with_notes, without_notes = exc.group_exceptions()
-        for inner, note in with_notes:
-            return _config_error(inner, None, f"{path}[{note.index}]")
-        for inner in without_notes:
+        indexed, unindexed = exc.group_exceptions()
+        for inner, index_note in indexed:
+            return _config_error(inner, None, f"{path}[{index_note.index}]")
+        for inner in unindexed:
             return _config_error(inner, None, path)
     if isinstance(exc, KeyError):
         return ConfigError("required key missing", path=path)

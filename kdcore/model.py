@@ -14,7 +14,7 @@ import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 import torch
@@ -165,7 +165,7 @@ class DistillationModel(nn.Module):
             for handle in state.handles:
                 handle.remove()
             state.clear_captures()
-        self.__class__ = original_class
+        self.__class__ = original_class  # type: ignore[assignment]  # back to the student's own
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -395,5 +395,5 @@ def distillation_class(wrapper: type[DistillationModel], student_class: type[nn.
     return _classes[key]
 
 
-def is_distillation_model(model: object) -> bool:
+def is_distillation_model(model: object) -> TypeGuard[DistillationModel]:
     return isinstance(model, DistillationModel) and "_kd" in model.__dict__
