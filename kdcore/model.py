@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer
 from kdcore.errors import DistillationStateError, did_you_mean
-from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair
+from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair, split_layer
 
 TEACHER = "_teacher_model"
 LOSS_MODULES = "_loss_modules"
@@ -99,6 +99,15 @@ class _CaptureOutput:
             self.state.store(self.side, self.layer, output)
 
 
+class _CaptureInput(_CaptureOutput):
+    """Forward pre-hook storing a layer's first input (``"layer:input"``)."""
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any) -> None:  # type: ignore[override]
+        if self.state.capturing:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            self.state.store(self.side, self.layer, first)
+
+
 class DistillationModel(nn.Module):
     """A student converted for distillation; made by ``kd.convert``, never instantiated directly.
 
@@ -151,10 +160,14 @@ class DistillationModel(nn.Module):
             ("teacher", state.teacher, {p.teacher_layer for p in state.pairs}),
         ):
             for layer in sorted(layers):
-                module = root.get_submodule(layer)
-                state.handles.append(
-                    module.register_forward_hook(_CaptureOutput(state, side, layer))
-                )
+                name, capture = split_layer(layer)
+                module = root.get_submodule(name)
+                if capture == "input":
+                    hook = _CaptureInput(state, side, layer)
+                    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+                else:
+                    handle = module.register_forward_hook(_CaptureOutput(state, side, layer))
+                state.handles.append(handle)
 
     def _kd_teardown(self, original_class: type[nn.Module]) -> None:
         """Undo :meth:`_kd_setup`, also when it stopped half-way, and restore ``original_class``."""

@@ -17,11 +17,18 @@ from torch import nn
 from kdcore.balancer import DistillationLossBalancer
 from kdcore.config import KDLossConfig
 from kdcore.converter import instantiate, is_plugin_ref
-from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest
+from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest, did_you_mean
 from kdcore.plugin_manager import registries
 from kdcore.teacher import build_teacher, check_teacher_spec
 
 WHOLE_MODEL = ""
+CAPTURES = ("output", "input")
+
+
+def split_layer(spec: str) -> tuple[str, str]:
+    """``"lm_head:input"`` -> ``("lm_head", "input")``; a bare name captures the output."""
+    name, _, capture = spec.partition(":")
+    return name, capture or "output"
 
 
 @attrs.frozen
@@ -59,18 +66,22 @@ def plan_distillation(
 
     pairs = []
     for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
-        if not whole_model_allowed and WHOLE_MODEL in (student_layer, teacher_layer):
+        if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
             raise ConfigError(
-                "this mode pairs layers explicitly; the whole model ('') cannot be one side",
+                "this mode pairs layers explicitly: the whole model ('') cannot be one side, "
+                "and layers are captured by their outputs (no ':input')",
                 path=entry_path,
             )
-        _check_layer(student, student_layer, "student", f"{entry_path}.student")
-        _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
+        student_module = _check_layer(student, student_layer, "student", f"{entry_path}.student")
+        teacher_module = _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
         loss = _build_loss(loss, path=loss_path)
+        bind_layers = getattr(loss, "bind_layers", None)
+        if callable(bind_layers):  # e.g. a fused loss that needs the lm-head weights
+            bind_layers(student_module, teacher_module)
         pairs.append(
             LossPair(
-                student_layer,
-                teacher_layer,
+                _canonical(student_layer),
+                _canonical(teacher_layer),
                 loss,
                 key=f"{loss_name(loss)}_{index}",
                 accepted_kwargs=_accepted_kwargs(loss),
@@ -109,7 +120,7 @@ def describe_distillation(
         f"  teacher: {check_teacher_spec(config.teacher_model, path=f'{path}.teacher_model')}",
     ]
     for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
-        if not whole_model_allowed and WHOLE_MODEL in (student_layer, teacher_layer):
+        if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
             raise ConfigError("this mode pairs layers explicitly", path=entry_path)
         if student is not None:
             _check_layer(student, student_layer, "student", f"{entry_path}.student")
@@ -131,6 +142,15 @@ def describe_distillation(
     lines.append(f"  loss balancer: {balancer!r}")
     lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")
     return lines
+
+
+def _canonical(spec: str) -> str:
+    name, capture = split_layer(spec)
+    return name if capture == "output" else spec
+
+
+def _not_a_plain_layer(*specs: str) -> bool:
+    return any(spec == WHOLE_MODEL or ":" in spec for spec in specs)
 
 
 def loss_name(loss: Callable[..., Any]) -> str:
@@ -240,9 +260,22 @@ def _build_balancer(spec: Any, *, path: str) -> DistillationLossBalancer | None:
     return balancer
 
 
-def _check_layer(model: nn.Module, name: str, side: str, path: str) -> None:
+def _check_layer(model: nn.Module, spec: str, side: str, path: str) -> nn.Module:
+    """The module ``spec`` names (after its capture suffix is checked)."""
+    name, capture = split_layer(spec)
+    if capture not in CAPTURES:
+        raise ConfigError(
+            f"{spec!r}: unknown capture {capture!r}{did_you_mean(capture, CAPTURES)} "
+            "(write 'layer' or 'layer:output' for the output, 'layer:input' for the first input)",
+            path=path,
+        )
     if name == WHOLE_MODEL:
-        return
+        if capture == "input":
+            raise ConfigError(
+                "the whole model's input is what you pass to it; capture a layer's input instead",
+                path=path,
+            )
+        return model
     known = [n for n, _ in model.named_modules() if n]
     if name not in known:
         suggestions = sorted(known, key=lambda n: _similarity(name, n), reverse=True)[:5]
@@ -253,6 +286,7 @@ def _check_layer(model: nn.Module, name: str, side: str, path: str) -> None:
             + (f" (close names: {', '.join(suggestions)})" if suggestions else ""),
             name=name,
         )
+    return model.get_submodule(name)
 
 
 def _similarity(a: str, b: str) -> float:

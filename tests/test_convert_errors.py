@@ -231,3 +231,12 @@ def test_errors_subclass_the_builtin_exceptions() -> None:
     assert issubclass(kd.UnknownLayerError, KeyError)
     assert issubclass(kd.UnknownPluginError, KeyError)
     assert all(issubclass(e, kd.KDCoreError) for e in (kd.ConfigError, kd.UnknownLayerError))
+
+
+def test_layerwise_refuses_input_captures() -> None:
+    convert_fails(
+        kd.ConfigError,
+        r"layerwise_kd\.criterion\[0\]: this mode pairs layers explicitly.*no ':input'",
+        base(criterion={("fc2:input", "fc2"): kd.MSELoss()}),
+        mode="layerwise_kd",
+    )

@@ -457,3 +457,52 @@ def test_a_training_step_updates_student_and_learnable_loss_not_teacher(
         torch.equal(a, b)
         for a, b in zip(model.teacher_model.parameters(), teacher_before, strict=True)
     )
+
+
+# ------------------------------------------------------------------ capture syntax
+def test_layer_input_capture_feeds_the_layers_first_input(batch: torch.Tensor) -> None:
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append((s, t))
+        return (s.sum() - t.sum()) ** 2
+
+    teacher = make_teacher()
+    student = TinyNet()
+    model = kd_model(student, teacher=teacher, criterion={("fc2:input", "fc2:input"): record})
+    model(batch)
+    model.compute_kd_loss()
+    with torch.no_grad():
+        assert torch.equal(seen[0][0], torch.relu(student.fc1(batch)))
+        assert torch.equal(seen[0][1], torch.relu(teacher.fc1(batch)))
+
+
+def test_output_suffix_is_the_same_as_a_bare_name(batch: torch.Tensor) -> None:
+    model = kd_model(TinyNet(), criterion={(":output", "fc2:output"): kd.LogitsDistillationLoss()})
+    assert [(p.student_layer, p.teacher_layer) for p in model._kd.pairs] == [("", "fc2")]
+    model(batch)
+    assert model.compute_kd_loss().dim() == 0
+
+
+def test_unknown_capture_suffix_and_whole_model_input_are_refused() -> None:
+    with pytest.raises(
+        kd.ConfigError,
+        match=r"criterion\[0\]\.student: 'fc2:inptu': unknown capture 'inptu'; did you mean 'input'",
+    ):
+        kd_model(TinyNet(), criterion={("fc2:inptu", "fc2"): kd.MSELoss()})
+    with pytest.raises(kd.ConfigError, match="whole model's input"):
+        kd_model(TinyNet(), criterion={(":input", "fc2"): kd.MSELoss()})
+
+
+def test_losses_with_bind_layers_receive_the_paired_modules() -> None:
+    class Fused(nn.Module):
+        def bind_layers(self, student_layer: nn.Module, teacher_layer: nn.Module) -> None:
+            self.bound = (student_layer, teacher_layer)
+
+        def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(self.bound[0](s), self.bound[1](t))
+
+    loss = Fused()
+    teacher = TinyNet()
+    model = kd_model(TinyNet(), teacher=teacher, criterion={("fc2:input", "fc2:input"): loss})
+    assert loss.bound[0] is model.fc2 and loss.bound[1] is teacher.fc2

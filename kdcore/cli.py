@@ -1,0 +1,211 @@
+"""The ``kdcore`` command line.
+
+``kdcore plugins`` lists what the installed plugins register. Each subcommand is one
+``_add_<name>_command(subparsers)`` function that sets ``handler``; handlers import what they
+need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (``check``,
+``inspect``, ``distill``...) is one more function added to :data:`COMMANDS`.
+
+::
+
+    $ kdcore plugins
+    $ kdcore plugins --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROG = "kdcore"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    0 on success, 1 when kdcore refused something, 2 on a usage error. Example::
+
+        main(["plugins", "--json"])
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from kdcore.errors import KDCoreError
+
+    try:
+        return handler(args)
+    except KDCoreError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `kdcore plugins | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Knowledge distillation for PyTorch on a small plugin core."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from kdcore import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------- kdcore plugins
+
+
+def _add_plugins_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plugins",
+        help="list what the installed plugins register",
+        description=(
+            "List every registered name by kind, with the plugin (entry-point name) and the "
+            "distribution that provide it, then name conflicts, disabled plugins and load "
+            "problems. KDCORE_DISABLE_PLUGINS=<plugin>[,<plugin>...] disables plugins."
+        ),
+    )
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show the object each name refers to"
+    )
+    parser.set_defaults(handler=_run_plugins)
+
+
+def _run_plugins(args: argparse.Namespace) -> int:
+    report = plugin_report()
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plugin_report(report, verbose=args.verbose))
+    return 0
+
+
+def plugin_report() -> dict[str, Any]:
+    """What the current plugin host registered, as plain data (the ``--json`` output).
+
+    ``{"registries": {"criteria": [{"name", "kind", "plugin", "distribution", "object"}, ...],
+    ...}, "conflicts": [...], "disabled": [...], "warnings": [...]}``
+    """
+    import warnings
+
+    import attrs
+
+    from kdcore.plugin_manager import PluginWarning, current_host
+
+    host = current_host()
+    # Loading happens on first use; what goes wrong while loading belongs in the report. A host
+    # loaded earlier has already warned, and its registries are listed as they are.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PluginWarning)
+        registries = host.registries
+    problems = []
+    for warning in caught:
+        if issubclass(warning.category, PluginWarning):
+            problems.append(str(warning.message))
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+
+    listing: dict[str, list[dict[str, str]]] = {}
+    conflicts: list[dict[str, Any]] = []
+    for field in attrs.fields(type(registries)):
+        registry = getattr(registries, field.name)
+        listing[field.name] = [
+            {
+                "name": name,
+                "kind": registry.kind,
+                "plugin": provider.plugin,
+                "distribution": provider.distribution,
+                "object": _describe(obj),
+            }
+            for name, obj, provider in registry.items()
+        ]
+        conflicts.extend(
+            {
+                "registry": field.name,
+                "kind": registry.kind,
+                "name": name,
+                "providers": [
+                    {"plugin": p.plugin, "distribution": p.distribution} for p in providers
+                ],
+            }
+            for name, providers in sorted(registry.conflicts().items())
+        )
+    return {
+        "registries": listing,
+        "conflicts": conflicts,
+        "disabled": sorted(host.blocked),
+        "warnings": problems,
+    }
+
+
+def format_plugin_report(report: dict[str, Any], *, verbose: bool = False) -> str:
+    """The plain-text form of :func:`plugin_report`: one aligned table, then the exceptions."""
+    header = ["KIND", "NAME", "PLUGIN", "DISTRIBUTION"] + (["OBJECT"] if verbose else [])
+    rows = []
+    for entries in report["registries"].values():
+        for entry in entries:
+            row = [entry["kind"], entry["name"], entry["plugin"], entry["distribution"]]
+            rows.append(row + ([entry["object"]] if verbose else []))
+    lines = _table([header, *rows])
+    empty = [kind for kind, entries in report["registries"].items() if not entries]
+    if empty:
+        lines.append("")
+        lines.append(f"Nothing registered: {', '.join(k.replace('_', ' ') for k in empty)}")
+    if report["conflicts"]:
+        lines += ["", "Conflicts (the name cannot be used until all but one plugin is disabled):"]
+        conflict_rows = [
+            [
+                conflict["kind"],
+                conflict["name"],
+                ", ".join(f"{p['plugin']} ({p['distribution']})" for p in conflict["providers"]),
+            ]
+            for conflict in report["conflicts"]
+        ]
+        lines += _table([["KIND", "NAME", "REGISTERED BY"], *conflict_rows], indent="  ")
+    if report["disabled"]:
+        lines += ["", f"Disabled plugins (KDCORE_DISABLE_PLUGINS): {', '.join(report['disabled'])}"]
+    if report["warnings"]:
+        lines += ["", "Problems while loading plugins:"]
+        lines += [f"  {message}" for message in report["warnings"]]
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]], indent: str = "") -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        indent
+        + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _describe(obj: object) -> str:
+    """``module:qualname`` of a registered class or function, or of an instance's class."""
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    module = getattr(target, "__module__", None) or "?"
+    name = f"{module}:{target.__qualname__}"
+    return name if target is obj else f"{name} instance"
+
+
+COMMANDS: list[Callable[[Any], None]] = [_add_plugins_command]
