@@ -19,7 +19,7 @@ from kdcore.config import KDLossConfig
 from kdcore.converter import instantiate, is_plugin_ref
 from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest, did_you_mean
 from kdcore.plugin_manager import registries
-from kdcore.teacher import build_teacher, check_teacher_spec
+from kdcore.teacher import TeacherEnsemble, build_teacher, check_teacher_spec
 
 WHOLE_MODEL = ""
 CAPTURES = ("output", "input")
@@ -61,7 +61,9 @@ def plan_distillation(
         )
     raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
     teacher = build_teacher(config.teacher_model, path=f"{path}.teacher_model")
-    if teacher is student:
+    if teacher is student or (
+        isinstance(teacher, TeacherEnsemble) and any(t is student for t in teacher.values())
+    ):
         raise ConfigError("the teacher is the student itself", path=f"{path}.teacher_model")
 
     pairs = []
@@ -71,6 +73,12 @@ def plan_distillation(
                 "this mode pairs layers explicitly: the whole model ('') cannot be one side, "
                 "and layers are captured by their outputs (no ':input')",
                 path=entry_path,
+            )
+        if isinstance(teacher, TeacherEnsemble) and split_layer(teacher_layer)[0] == WHOLE_MODEL:
+            raise ConfigError(
+                f"with several teachers, name one ({', '.join(teacher)}) or one's layer "
+                "('<key>.<layer>') instead of ''",
+                path=f"{entry_path}.teacher",
             )
         student_module = _check_layer(student, student_layer, "student", f"{entry_path}.student")
         teacher_module = _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
@@ -83,7 +91,7 @@ def plan_distillation(
                 _canonical(student_layer),
                 _canonical(teacher_layer),
                 loss,
-                key=f"{loss_name(loss)}_{index}",
+                key=_loss_key(loss, index, teacher, teacher_layer),
                 accepted_kwargs=_accepted_kwargs(loss),
             )
         )
@@ -142,6 +150,12 @@ def describe_distillation(
     lines.append(f"  loss balancer: {balancer!r}")
     lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")
     return lines
+
+
+def _loss_key(loss: Callable[..., Any], index: int, teacher: nn.Module, layer: str) -> str:
+    if isinstance(teacher, TeacherEnsemble):  # the key says which teacher the loss came from
+        return f"{loss_name(loss)}_{layer.split('.')[0].split(':')[0]}_{index}"
+    return f"{loss_name(loss)}_{index}"
 
 
 def _canonical(spec: str) -> str:

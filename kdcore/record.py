@@ -22,7 +22,7 @@ from kdcore.plan import DistillationPlan
 from kdcore.plugin_manager import registries
 from kdcore.references import reference_of
 from kdcore.registry import Registry
-from kdcore.teacher import unpack_spec_tuple
+from kdcore.teacher import is_ensemble_spec, unpack_spec_tuple
 
 
 class NotRecordableWarning(UserWarning):
@@ -91,6 +91,11 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
 
 def _record_teacher(spec: Any, teacher: nn.Module) -> tuple[dict[str, Any], bool]:
     """(teacher-loader mapping, whether the weights must be saved because no spec rebuilds them)."""
+    if is_ensemble_spec(spec):
+        records = {key: _record_teacher(item, teacher[key]) for key, item in spec.items()}
+        return {key: record for key, (record, _) in records.items()}, any(
+            weights for _, weights in records.values()
+        )
     if is_plugin_ref(spec):
         return _data(dict(spec), "the teacher-loader mapping"), False
     if isinstance(spec, nn.Module):

@@ -13,12 +13,49 @@ from kdcore.plugin_manager import registries
 
 SPEC_FORMS = (
     "an nn.Module, a class or callable returning one, a tuple (fn,), (fn, args) or "
-    "(fn, args, kwargs), or a teacher-loader mapping {'name': ..., ...}"
+    "(fn, args, kwargs), a teacher-loader mapping {'name': ..., ...}, or several teachers "
+    "as {key: spec}"
 )
+
+
+class TeacherEnsemble(nn.ModuleDict):
+    """Several teachers under their keys; ``forward`` runs each and returns ``{key: output}``.
+
+    Criterion pairs name a teacher's layers with its key in front (``"big.fc2"``; ``"big"``
+    is that teacher's output), and the loss keys carry it (``LogitsDistillationLoss_big_0``).
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {key: teacher(*args, **kwargs) for key, teacher in self.items()}
+
+
+def is_ensemble_spec(spec: Any) -> bool:
+    """``{key: spec, ...}``: a mapping that is not a plugin reference (which has a 'name')."""
+    return isinstance(spec, Mapping) and not is_plugin_ref(spec)
+
+
+def ensemble_items(spec: Mapping[Any, Any], *, path: str) -> list[tuple[str, Any]]:
+    if not spec:
+        raise ConfigError("has no teachers; give one spec or {key: spec}", path=path)
+    for key in spec:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(
+                f"teacher keys must be identifiers (they prefix layer names), got {key!r}; "
+                "a teacher-loader mapping needs a 'name' key",
+                path=path,
+            )
+    return list(spec.items())
 
 
 def build_teacher(spec: Any, *, path: str) -> nn.Module:
     """Build the teacher described by ``spec``; ``path`` names the config key in errors."""
+    if is_ensemble_spec(spec):
+        return TeacherEnsemble(
+            {
+                key: build_teacher(item, path=f"{path}.{key}")
+                for key, item in ensemble_items(spec, path=path)
+            }
+        )
     if isinstance(spec, nn.Module):
         return spec
     if is_plugin_ref(spec):
@@ -38,6 +75,11 @@ def build_teacher(spec: Any, *, path: str) -> nn.Module:
 
 def check_teacher_spec(spec: Any, *, path: str) -> str:
     """Check ``spec`` without building the teacher; return a one-line description of it."""
+    if is_ensemble_spec(spec):
+        return "; ".join(
+            f"{key}: {check_teacher_spec(item, path=f'{path}.{key}')}"
+            for key, item in ensemble_items(spec, path=path)
+        )
     if isinstance(spec, nn.Module):
         return f"the given {type(spec).__name__} instance"
     if is_plugin_ref(spec):
