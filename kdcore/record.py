@@ -92,7 +92,9 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
 def _record_teacher(spec: Any, teacher: nn.Module) -> tuple[dict[str, Any], bool]:
     """(teacher-loader mapping, whether the weights must be saved because no spec rebuilds them)."""
     if is_ensemble_spec(spec):
-        records = {key: _record_teacher(item, teacher[key]) for key, item in spec.items()}
+        records = {
+            key: _record_teacher(item, teacher.get_submodule(key)) for key, item in spec.items()
+        }
         return {key: record for key, (record, _) in records.items()}, any(
             weights for _, weights in records.values()
         )
