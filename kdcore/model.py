@@ -54,12 +54,11 @@ class DistillationState:
     only_student: bool = False
     only_teacher: bool = False
     modes: list[Any] = attrs.field(factory=list)  # kdcore.record.ModeRecord, in order
+    capturing: bool = False  # only outputs of the meta-model's own forward are captured
     captures_whole_student: bool = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.captures_whole_student = any(p.student_layer == WHOLE_MODEL for p in self.pairs)
-
-    capturing: bool = False  # only outputs of the meta-model's own forward are captured
 
     def clear_captures(self) -> None:
         self.student_outputs.clear()
