@@ -19,7 +19,12 @@ from kdcore.config import KDLossConfig
 from kdcore.converter import instantiate, is_plugin_ref
 from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest, did_you_mean
 from kdcore.plugin_manager import registries
-from kdcore.teacher import TeacherEnsemble, build_teacher, check_teacher_spec
+from kdcore.teacher import (
+    TeacherEnsemble,
+    build_teacher,
+    check_teacher_spec,
+    is_ensemble_spec,
+)
 
 WHOLE_MODEL = ""
 CAPTURES = ("output", "input")
@@ -91,23 +96,12 @@ def plan_distillation(
                 _canonical(student_layer),
                 _canonical(teacher_layer),
                 loss,
-                key=_loss_key(loss, index, teacher, teacher_layer),
+                key=_loss_key(loss, index, isinstance(teacher, TeacherEnsemble), teacher_layer),
                 accepted_kwargs=_accepted_kwargs(loss),
             )
         )
 
-    balancer = _build_balancer(config.loss_balancer, path=f"{path}.loss_balancer")
-    if balancer is None and len(pairs) > 1:
-        raise ConfigError(
-            f"{len(pairs)} KD losses need a loss_balancer to be combined into one "
-            "(e.g. {'name': 'static', 'kd_loss_weight': ...})",
-            path=f"{path}.loss_balancer",
-        )
-    if balancer is not None:
-        try:
-            balancer.check_kd_losses([pair.key for pair in pairs])
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
+    balancer = _balancer_for([pair.key for pair in pairs], config.loss_balancer, path=path)
     return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
 
 
@@ -127,33 +121,44 @@ def describe_distillation(
         f"{path}:",
         f"  teacher: {check_teacher_spec(config.teacher_model, path=f'{path}.teacher_model')}",
     ]
+    ensemble = is_ensemble_spec(config.teacher_model)
+    keys = []
     for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
         if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
             raise ConfigError("this mode pairs layers explicitly", path=entry_path)
         if student is not None:
             _check_layer(student, student_layer, "student", f"{entry_path}.student")
         built = _build_loss(loss, path=loss_path)
+        keys.append(_loss_key(built, index, ensemble, teacher_layer))
         lines.append(
-            f"  {loss_name(built)}_{index}: student {student_layer or '<output>'!r} <- teacher "
+            f"  {keys[-1]}: student {student_layer or '<output>'!r} <- teacher "
             f"{teacher_layer or '<output>'!r}: {built!r}"
         )
-    balancer = _build_balancer(config.loss_balancer, path=f"{path}.loss_balancer")
-    if balancer is None and len(raw_pairs) > 1:
-        raise ConfigError(
-            f"{len(raw_pairs)} KD losses need a loss_balancer", path=f"{path}.loss_balancer"
-        )
-    if balancer is not None:
-        try:
-            balancer.check_kd_losses([f"loss_{i}" for i in range(len(raw_pairs))])
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
+    balancer = _balancer_for(keys, config.loss_balancer, path=path)
     lines.append(f"  loss balancer: {balancer!r}")
     lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")
     return lines
 
 
-def _loss_key(loss: Callable[..., Any], index: int, teacher: nn.Module, layer: str) -> str:
-    if isinstance(teacher, TeacherEnsemble):  # the key says which teacher the loss came from
+def _balancer_for(keys: list[str], spec: Any, *, path: str) -> DistillationLossBalancer | None:
+    """Build the balancer and check it takes the KD losses ``keys``."""
+    balancer = _build_balancer(spec, path=f"{path}.loss_balancer")
+    if balancer is None and len(keys) > 1:
+        raise ConfigError(
+            f"{len(keys)} KD losses need a loss_balancer to be combined into one "
+            "(e.g. {'name': 'static', 'kd_loss_weight': ...})",
+            path=f"{path}.loss_balancer",
+        )
+    if balancer is not None:
+        try:
+            balancer.check_kd_losses(keys)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc), path=f"{path}.loss_balancer") from None
+    return balancer
+
+
+def _loss_key(loss: Callable[..., Any], index: int, ensemble: bool, layer: str) -> str:
+    if ensemble:  # the key says which teacher the loss came from
         return f"{loss_name(loss)}_{layer.split('.')[0].split(':')[0]}_{index}"
     return f"{loss_name(loss)}_{index}"
 

@@ -185,3 +185,11 @@ def test_python_objects_and_data_mix_in_one_config(batch: torch.Tensor) -> None:
     model = kd.convert(TinyNet(), [("kd_loss", config)])
     model(batch)
     assert model.compute_kd_loss(student_loss=torch.tensor(0.0)).dim() == 0
+
+
+def test_check_passes_the_real_loss_keys_to_the_balancer() -> None:
+    config = {
+        **DATA["kd_loss"],
+        "loss_balancer": {"name": "logits_magnitude", "logits_loss": "LogitsDistillationLoss_0"},
+    }
+    assert any("LogitsMagnitudeBalancer" in line for line in kd.check([("kd_loss", config)]))

@@ -95,6 +95,28 @@ def _feature_map_inputs() -> Inputs:
     return torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5), {}
 
 
+# ---------------------------------------------------- kdcore_builtins.feature_criteria
+def _conv_end_to_end(name: str, **kwargs: Any) -> Callable[[], EndToEnd]:
+    def build() -> EndToEnd:
+        torch.manual_seed(3)
+        teacher = TinyConvNet(channels=6)
+        criterion = {("features", "features"): {"name": name, **kwargs}}
+        return EndToEnd(TinyConvNet(channels=4), teacher, criterion, torch.randn(3, 3, 6, 6))
+
+    return build
+
+
+def _dkd_end_to_end() -> EndToEnd:
+    student, teacher, batch = _tiny_pair()
+    labels = torch.tensor([0, 2, -100, 1, 2])
+    return EndToEnd(student, teacher, {"name": "dkd"}, batch, {"labels": labels})
+
+
+def _relation_inputs() -> Inputs:
+    """A batch of 4 (PKT needs 3 or more for a gradient), widths differing."""
+    return torch.randn(4, 5), torch.randn(4, 7), {}
+
+
 # ====================================================================== the tables
 @dataclass
 class CriterionCase:
@@ -128,6 +150,26 @@ CRITERIA: dict[str, CriterionCase] = {
         end_to_end=_whole_model("mse"),
         none_shape=(2, 3, 5),  # elementwise, as torch's MSELoss
     ),
+    "fitnet": CriterionCase(
+        kwargs={"student_width": 4, "teacher_width": 6},
+        inputs=_feature_map_inputs,
+        end_to_end=_conv_end_to_end("fitnet", student_width=4, teacher_width=6),
+        none_shape=(2, 6, 5, 5),  # elementwise, in the teacher's shape
+    ),
+    "hidden_cosine": CriterionCase(
+        kwargs={"student_width": 4, "teacher_width": 6},
+        inputs=_feature_map_inputs,
+        end_to_end=_conv_end_to_end("hidden_cosine", student_width=4, teacher_width=6),
+        none_shape=(2, 5, 5),  # one per position
+    ),
+    "at": CriterionCase(kwargs={}, inputs=_feature_map_inputs, end_to_end=_conv_end_to_end("at")),
+    "pkt": CriterionCase(kwargs={}, inputs=_relation_inputs, end_to_end=_whole_model("pkt")),
+    "rkd": CriterionCase(kwargs={}, inputs=_relation_inputs, end_to_end=_whole_model("rkd")),
+    "sp": CriterionCase(kwargs={}, inputs=_relation_inputs, end_to_end=_whole_model("sp")),
+    "dkd": CriterionCase(kwargs={}, inputs=_mft_inputs, end_to_end=_dkd_end_to_end),
+    "dist": CriterionCase(
+        kwargs={}, inputs=_logit_inputs, end_to_end=_whole_model("dist", tau=2.0)
+    ),
 }
 
 
@@ -141,6 +183,8 @@ class BalancerCase:
 
 BALANCERS: dict[str, BalancerCase] = {
     "static": BalancerCase(kwargs={"kd_loss_weight": [0.3, 0.3]}, kd_losses=2),
+    "scheduled": BalancerCase(kwargs={"steps": 10, "start": 0.1, "end": 0.6}, kd_losses=2),
+    "logits_magnitude": BalancerCase(kwargs={"kd_loss_weight": 0.5}, kd_losses=2),
 }
 
 CRITERION_NAMES = kd.registries().criteria.names()
