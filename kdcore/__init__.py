@@ -65,7 +65,10 @@ def __getattr__(name: str) -> Any:
     if name not in _PLUGIN_PROVIDED:
         raise AttributeError(f"module 'kdcore' has no attribute {name!r}")
     registry_name, registered, attribute = _PLUGIN_PROVIDED[name]
-    obj = getattr(registries(), registry_name).get(registered)
+    try:
+        obj = getattr(registries(), registry_name).get(registered)
+    except KDCoreError as exc:  # hasattr() and getattr(kd, name, default) expect AttributeError
+        raise AttributeError(f"kdcore.{name} is not available: {exc}") from exc
     return getattr(obj, attribute) if attribute else obj
 
 

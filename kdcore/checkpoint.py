@@ -21,6 +21,7 @@ import attrs
 import torch
 from torch import nn
 
+from kdcore.balancer import StudentLossWeightWarning
 from kdcore.errors import KDCoreError
 from kdcore.model import BALANCER, LOSS_MODULES, TEACHER, is_distillation_model
 from kdcore.modes import convert, export, unwrap
@@ -271,7 +272,9 @@ def restore(
             _check_tensors(_student_shapes(model), available, path, partial=True)
             modes = _modes_to_rebuild(saved_modes, teacher_model, path)
             with restoring(policy), warnings.catch_warnings():
+                # Both were said at the original convert; the checkpoint answers them.
                 warnings.simplefilter("ignore", NotRecordableWarning)
+                warnings.simplefilter("ignore", StudentLossWeightWarning)
                 try:
                     model = convert(model, modes)
                 except KDCoreError as exc:
@@ -387,7 +390,7 @@ def _modes_to_rebuild(
                 else ("convert the model with the same config yourself, then call kd.restore on it")
             )
             raise CheckpointError(path, f"{where} could not be recorded ({why}); {hint}")
-        if teacher_model is not None:
+        if teacher_model is not None and "teacher_model" in config:
             config["teacher_model"] = teacher_model
         modes.append((mode["name"], config))
     return modes

@@ -106,14 +106,22 @@ def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -
             f"expected the name of a {registry.kind}, got {type(name).__name__}",
             path=f"{path}.{PLUGIN_NAME_KEY}",
         )
+    kwargs = {key: value for key, value in ref.items() if key != PLUGIN_NAME_KEY}
     if ":" in name:
         try:
             factory = resolve(name, what=f"{registry.kind} class")
         except KDCoreError as exc:
             raise _at_path(exc, f"{path}.{PLUGIN_NAME_KEY}") from None
+        if not isinstance(factory, type):  # a function named by reference is used as it is
+            if kwargs:
+                raise ConfigError(
+                    f"{name!r} is a function, used as it is: it takes no config keys "
+                    f"(got {', '.join(kwargs)})",
+                    path=path,
+                )
+            return factory
     else:
         factory = registry.get(name, where=f"{path}.{PLUGIN_NAME_KEY}")
-    kwargs = {key: value for key, value in ref.items() if key != PLUGIN_NAME_KEY}
     check_kwargs(factory, kwargs, path=path, what=f"{registry.kind} {name!r}")
     try:
         return factory(**kwargs)

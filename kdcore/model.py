@@ -348,12 +348,13 @@ class DistillationModel(nn.Module):
             return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Load a meta-model state dict, or a plain student one (loss modules left as they are)."""
-        has = {name: any(k.startswith(name + ".") for k in state_dict) for name in KD_CHILDREN}
+        """Load a meta-model state dict, or a plain student one (loss modules and balancer are
+        then left as they are)."""
         hidden = tuple(
             name
-            for name in (TEACHER, LOSS_MODULES)
-            if not has[name] or (name == TEACHER and self._kd.expose_minimal_state_dict)
+            for name in KD_CHILDREN
+            if not any(key.startswith(name + ".") for key in state_dict)
+            or (name == TEACHER and self._kd.expose_minimal_state_dict)
         )
         with self._hidden_children(hidden):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)

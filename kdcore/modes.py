@@ -16,6 +16,7 @@ from kdcore.converter import structure
 from kdcore.errors import ConfigError, ConfigTypeError
 from kdcore.model import is_distillation_model
 from kdcore.plugin_manager import registries
+from kdcore.record import record_mode
 
 EXPORT_MODE = "export_student"
 
@@ -63,7 +64,11 @@ def convert(model: nn.Module, mode: ModeSpec) -> nn.Module:
     was_distillation_model = is_distillation_model(model)
     try:
         for name, mode_impl, config in steps:
+            records = len(model._kd.modes) if is_distillation_model(model) else 0
             model = mode_impl.convert(model, config, path=name)
+            if is_distillation_model(model) and len(model._kd.modes) == records:
+                # The mode kept no record of its own: record its config as data, if it is.
+                model._kd.modes.append(record_mode(name, config))
     except BaseException:
         # A later step failed after an earlier one converted the model: undo that too.
         if is_distillation_model(model) and not was_distillation_model:

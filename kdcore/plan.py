@@ -187,6 +187,11 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
             "{'student': ..., 'teacher': ..., 'loss': ...}",
             path=path,
         )
+    if isinstance(criterion, type):
+        raise ConfigTypeError(
+            f"got the class {criterion.__name__}; pass an instance, e.g. {criterion.__name__}()",
+            path=path,
+        )
     if is_plugin_ref(criterion) or _is_loss(criterion):
         return [(WHOLE_MODEL, WHOLE_MODEL, criterion, path, path)]
     if isinstance(criterion, Mapping):

@@ -17,7 +17,7 @@ import attrs
 from torch import nn
 
 from kdcore.config import KDLossConfig
-from kdcore.converter import PLUGIN_NAME_KEY, is_plugin_ref
+from kdcore.converter import PLUGIN_NAME_KEY, converter, is_plugin_ref
 from kdcore.plan import DistillationPlan
 from kdcore.plugin_manager import registries
 from kdcore.references import reference_of
@@ -43,6 +43,18 @@ class ModeRecord:
     missing: tuple[tuple[str, str], ...] = ()
     #: whether the teacher's weights belong in the checkpoint
     teacher_weights: bool = False
+
+
+def record_mode(name: str, config: Any) -> ModeRecord:
+    """Record any mode's config as data (the converter's unstructured form), or say why not."""
+    if config is None:
+        return ModeRecord(name=name, config=None)
+    try:
+        data = _data(converter.unstructure(config), f"the {name} config")
+    except _NotRecordable as exc:
+        warnings.warn(f"{name}: {exc}", NotRecordableWarning, stacklevel=4)
+        return ModeRecord(name=name, config=None, missing=((name, str(exc)),))
+    return ModeRecord(name=name, config=data)
 
 
 def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: str) -> ModeRecord:
@@ -150,11 +162,16 @@ def _record_plugin(obj: Any, registry: Registry[Any]) -> dict[str, Any]:
 def init_kwargs(obj: object) -> dict[str, Any]:
     """The constructor arguments of ``obj``, read back from its same-named attributes."""
     cls = type(obj)
+    if cls.__init__ in (nn.Module.__init__, object.__init__):  # takes no arguments of its own
+        return {}
     kwargs = {}
     parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     for parameter in parameters:
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
+            # What went into *args or **kwargs cannot be read back from the object.
+            raise _NotRecordable(
+                f"{cls.__name__} takes {parameter}, whose values cannot be read back"
+            )
         # A default cannot stand in for a missing attribute: the caller may have passed another
         # value, and a wrong record would rebuild a different model without a word.
         if not hasattr(obj, parameter.name):

@@ -494,3 +494,80 @@ def test_killing_a_process_in_the_middle_of_save_keeps_a_loadable_checkpoint(
     kd.restore(model, path)
     assert float(model[0].bias[0].detach()) >= 2
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [path.name]
+
+
+def named_loss_function(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(s, t)
+
+
+def test_a_named_loss_function_is_recorded_and_used_as_it_is(
+    tmp_path: Path, batch: torch.Tensor
+) -> None:
+    model = kd.convert(
+        TinyNet(), [("kd_loss", config(criterion=named_loss_function, loss_balancer=None))]
+    )
+    path = kd.save(model, tmp_path / "fn.safetensors")
+    assert manifest_of(path)["modes"][0]["config"]["criterion"][0]["loss"] == {
+        "name": "tests.test_checkpoint:named_loss_function"
+    }
+    with pytest.raises(kd.UntrustedReferenceError, match="named_loss_function"):
+        kd.restore(TinyNet(), path)  # a plain function is not trusted by default
+    restored = kd.restore(TinyNet(), path, trust=[named_loss_function])
+    restored(batch)
+    model(batch)
+    assert torch.equal(restored.compute_kd_loss(), model.compute_kd_loss())
+
+
+def test_a_teacher_taking_star_args_is_not_recordable() -> None:
+    with pytest.warns(kd.NotRecordableWarning, match=r"Sequential takes \*args"):
+        kd.convert(
+            TinyNet(),
+            [
+                (
+                    "kd_loss",
+                    config(
+                        teacher_model=nn.Sequential(nn.Linear(4, 3)),
+                        criterion=kd.MSELoss(),
+                        loss_balancer=None,
+                    ),
+                )
+            ],
+        )
+
+
+def test_a_third_party_modes_config_is_recorded_and_replayed(
+    tmp_path: Path, batch: torch.Tensor
+) -> None:
+    import attrs
+
+    from kdcore.plugin_manager import PluginHost
+
+    @attrs.define
+    class ScaleConfig:
+        factor: float = 1.0
+
+    class ScaleTeacherMode:
+        """Converts with kd_loss, then scales the teacher's last layer (a mode keeping no record)."""
+
+        config_class = ScaleConfig
+
+        def convert(self, model: nn.Module, cfg: ScaleConfig, *, path: str) -> nn.Module:
+            with torch.no_grad():
+                model.teacher_model.fc2.weight.mul_(cfg.factor)
+            return model
+
+        def describe(self, cfg: ScaleConfig, *, path: str, student: nn.Module | None) -> list[str]:
+            return [f"{path}: scale by {cfg.factor}"]
+
+    class Plugin:
+        @staticmethod
+        @kd.hookimpl
+        def kdcore_register_modes(registry: Any) -> None:
+            registry.add("scale_teacher", ScaleTeacherMode())
+
+    with kd.use_host(PluginHost(plugins=[("scale", Plugin())], blocked=())):
+        model = kd.convert(TinyNet(), [("kd_loss", config()), ("scale_teacher", {"factor": 2.0})])
+        assert [record.name for record in model._kd.modes] == ["kd_loss", "scale_teacher"]
+        path = kd.save(model, tmp_path / "modes.safetensors")
+        restored = kd.restore(TinyNet(), path)
+        assert torch.equal(restored.teacher_model.fc2.weight, model.teacher_model.fc2.weight)

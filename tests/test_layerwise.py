@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,14 +79,28 @@ def test_only_paired_student_layers_are_trainable_and_export_restores_flags() ->
     assert {n: p.requires_grad for n, p in exported.named_parameters()} == before
 
 
-def test_unpaired_lm_head_is_identity_while_training_and_restored_on_export() -> None:
+def test_unpaired_lm_head_is_bypassed_while_training_and_restored_on_export() -> None:
     student = Blocks()
     head = student.lm_head
     model = layerwise(student, Blocks())
-    assert isinstance(model.lm_head, nn.Identity)
-    assert isinstance(model.teacher_model.lm_head, nn.Identity)
-    assert model(torch.randn(2, 4)).shape == (2, 6)  # hidden states, no vocabulary projection
-    assert kd.export(model).lm_head is head
+    x = torch.randn(2, 4)
+    assert model(x).shape == (2, 6)  # hidden states, no vocabulary projection
+    assert model.teacher_model(x).shape == (2, 6)
+    assert "lm_head.weight" in model.state_dict()  # bypassed, not removed
+    exported = kd.export(model)
+    assert exported.lm_head is head
+    assert exported(x).shape == (2, 5)
+
+
+def test_layerwise_checkpoint_restores_into_a_fresh_student(tmp_path: Path) -> None:
+    teacher = Blocks()
+    model = layerwise(Blocks(), teacher)
+    path = kd.save(model, tmp_path / "layerwise.safetensors")
+    restored = kd.restore(Blocks(), path, teacher_model=Blocks())
+    assert isinstance(restored, kd.LayerwiseDistillationModel)
+    assert torch.equal(restored.lm_head.weight, model.lm_head.weight)
+    x = torch.randn(3, 4)
+    assert torch.equal(restored(x), model(x))
 
 
 def test_paired_lm_head_is_kept() -> None:

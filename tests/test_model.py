@@ -506,3 +506,35 @@ def test_losses_with_bind_layers_receive_the_paired_modules() -> None:
     teacher = TinyNet()
     model = kd_model(TinyNet(), teacher=teacher, criterion={("fc2:input", "fc2:input"): loss})
     assert loss.bound[0] is model.fc2 and loss.bound[1] is teacher.fc2
+
+
+def test_split_forward_teacher_pass_then_student_pass(
+    student: TinyNet, batch: torch.Tensor
+) -> None:
+    """Pipeline stages run the two sides separately; the captures of both passes combine."""
+    model = kd_model(student).train()
+    with model.only_teacher_forward():
+        model(batch)
+    with model.only_student_forward():
+        output = model(batch)
+    expected = kd.LogitsDistillationLoss()(output, model.teacher_model(batch))
+    assert torch.allclose(model.compute_kd_loss(), expected)
+
+
+def test_load_state_dict_of_a_plain_student_leaves_balancer_buffers() -> None:
+    model = kd_model(
+        TinyNet(),
+        loss_balancer={"name": "scheduled", "steps": 10, "start": 0.0, "end": 0.5},
+    )
+    model.load_state_dict(TinyNet().state_dict())  # no _loss_balancer.* keys: left as they are
+
+
+def test_class_instead_of_loss_instance_at_top_level() -> None:
+    with pytest.raises(kd.ConfigTypeError, match="got the class MSELoss; pass an instance"):
+        kd_model(TinyNet(), criterion=kd.MSELoss)
+
+
+def test_plugin_provided_names_follow_the_attribute_protocol() -> None:
+    with kd.use_host(kd.PluginHost(blocked=["criteria"])):
+        assert not hasattr(kd, "MSELoss")
+        assert hasattr(kd, "StaticLossBalancer")

@@ -18,7 +18,7 @@ LM_HEAD = "lm_head"
 class LayerwiseState(DistillationState):
     teacher_inputs: dict[str, tuple[Any, dict[str, Any]]] = attrs.field(factory=dict)
     saved_requires_grad: dict[str, bool] = attrs.field(factory=dict)
-    replaced_lm_heads: list[tuple[nn.Module, nn.Module]] = attrs.field(factory=list)
+    bypassed_lm_heads: list[nn.Module] = attrs.field(factory=list)
 
     def clear_captures(self) -> None:
         super().clear_captures()
@@ -60,8 +60,8 @@ class LayerwiseDistillationModel(DistillationModel):
     """A distillation model whose paired student layers learn on their teacher layers' inputs.
 
     Everything in the student but the paired layers is frozen; an unpaired ``lm_head`` (on the
-    student or the teacher) is replaced by ``nn.Identity`` while training. ``kd.export`` puts back
-    the heads and the original ``requires_grad`` flags.
+    student or the teacher) passes its input through while training (its weights stay in the
+    state dict). ``kd.export`` restores the heads and the original ``requires_grad`` flags.
     """
 
     _kd: LayerwiseState
@@ -94,19 +94,24 @@ class LayerwiseDistillationModel(DistillationModel):
         for owner, paired in ((self, student_layers), (state.teacher, teacher_layers)):
             head = owner._modules.get(LM_HEAD)
             if head is not None and not any(_within(LM_HEAD, layer) for layer in paired):
-                state.replaced_lm_heads.append((owner, head))
-                owner._modules[LM_HEAD] = nn.Identity()
+                # Bypassed rather than replaced: its weights stay in state_dict and checkpoints.
+                head.forward = _pass_through  # type: ignore[method-assign]
+                state.bypassed_lm_heads.append(head)
 
     def _kd_teardown(self, original_class: type[nn.Module]) -> None:
         state = self.__dict__.get("_kd")
         if isinstance(state, LayerwiseState):
-            for owner, head in state.replaced_lm_heads:
-                owner._modules[LM_HEAD] = head
+            for head in state.bypassed_lm_heads:
+                del head.__dict__["forward"]  # the class's forward shows through again
             with self._hidden_children(KD_CHILDREN):
                 for name, parameter in self.named_parameters():
                     if name in state.saved_requires_grad:
                         parameter.requires_grad_(state.saved_requires_grad[name])
         super()._kd_teardown(original_class)
+
+
+def _pass_through(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+    return hidden_states
 
 
 def _within(name: str, layer: str) -> bool:
