@@ -154,7 +154,9 @@ def _deduplicated(
     stored: dict[tuple[Any, ...], str] = {}
     unique, aliases = {}, {}
     for name, tensor in tensors.items():
-        if tensor.numel() == 0:
+        # Sharded DTensors (FSDP2) have no local storage pointer to compare; backends that
+        # take them (torch-dcp) store each by name.
+        if tensor.numel() == 0 or hasattr(tensor, "placements"):
             unique[name] = tensor
             continue
         key = (

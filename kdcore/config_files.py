@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
+    import tomllib  # here, not at import time: most runs never read a config file
+
     try:
         if kind == "TOML":
             data: Any = tomllib.loads(text)

@@ -9,8 +9,8 @@ forward hooks capture the paired layers' outputs for :meth:`DistillationModel.co
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -57,8 +57,13 @@ class DistillationState:
     capturing: bool = False  # only outputs of the meta-model's own forward are captured
     captures_whole_student: bool = attrs.field(init=False)
 
+    captures_whole_teacher: bool = attrs.field(init=False)
+
     def __attrs_post_init__(self) -> None:
+        # The two whole-model outputs are stored by forward itself: a hook on the root would
+        # cost a slower module call on every step.
         self.captures_whole_student = any(p.student_layer == WHOLE_MODEL for p in self.pairs)
+        self.captures_whole_teacher = any(p.teacher_layer == WHOLE_MODEL for p in self.pairs)
 
     def clear_captures(self) -> None:
         self.student_outputs.clear()
@@ -75,14 +80,6 @@ class DistillationState:
                 stacklevel=4,
             )
         store[layer] = output
-
-    @contextlib.contextmanager
-    def capturing_outputs(self) -> Iterator[None]:
-        self.capturing = True
-        try:
-            yield
-        finally:
-            self.capturing = False
 
 
 class _CaptureOutput:
@@ -156,7 +153,7 @@ class DistillationModel(nn.Module):
         state = self._kd
         for side, root, layers in (
             ("student", self, {p.student_layer for p in state.pairs} - {WHOLE_MODEL}),
-            ("teacher", state.teacher, {p.teacher_layer for p in state.pairs}),
+            ("teacher", state.teacher, {p.teacher_layer for p in state.pairs} - {WHOLE_MODEL}),
         ):
             for layer in sorted(layers):
                 name, capture = split_layer(layer)
@@ -181,21 +178,37 @@ class DistillationModel(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Plain try/finally rather than context managers: this runs on every training step.
         state = self._kd
-        with state.capturing_outputs():
+        state.capturing = True
+        try:
+            if state.only_student:
+                return self._student_forward(args, kwargs)
+            if state.teacher.training:  # a stray teacher.train() must not unfreeze batch norm
+                state.teacher.eval()
+            with torch.no_grad():
+                teacher_output = state.teacher(*args, **kwargs)
+            if state.captures_whole_teacher:
+                state.store("teacher", WHOLE_MODEL, teacher_output)
             if state.only_teacher:
-                with torch.no_grad():
-                    return state.teacher(*args, **kwargs)
-            if not state.only_student:
-                if state.teacher.training:  # a stray teacher.train() must not unfreeze batch norm
-                    state.teacher.eval()
-                with torch.no_grad():
-                    state.teacher(*args, **kwargs)
-            with self._hidden_children(KD_CHILDREN):  # nn.Sequential & co. iterate their children
-                output = super().forward(*args, **kwargs)
-            if state.captures_whole_student:
-                state.store("student", WHOLE_MODEL, output)
-            return output
+                return teacher_output
+            return self._student_forward(args, kwargs)
+        finally:
+            state.capturing = False
+
+    def _student_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # Containers such as nn.Sequential iterate their children in forward: the teacher and
+        # the losses must not be among them. Our children are last, so popping them and putting
+        # them back keeps the order.
+        modules = self._modules
+        hidden = [(name, modules.pop(name)) for name in KD_CHILDREN if name in modules]
+        try:
+            output = super().forward(*args, **kwargs)
+        finally:
+            modules.update(hidden)
+        if self._kd.captures_whole_student:
+            self._kd.store("student", WHOLE_MODEL, output)
+        return output
 
     def train(self, mode: bool = True) -> DistillationModel:
         switched = mode != self.training
@@ -360,11 +373,18 @@ class DistillationModel(nn.Module):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _forward_with_signature(wrapper_forward: Callable[..., Any], student_forward: Any) -> Any:
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return wrapper_forward(self, *args, **kwargs)
-
-    functools.update_wrapper(forward, student_forward, assigned=("__doc__", "__name__"))
+def _forward_with_signature(wrapper_forward: Any, student_forward: Any) -> Any:
+    """A copy of ``wrapper_forward`` (same code, no extra call frame) that shows the student's
+    signature, which frameworks such as Hugging Face inspect."""
+    forward = types.FunctionType(
+        wrapper_forward.__code__,
+        wrapper_forward.__globals__,
+        "forward",
+        wrapper_forward.__defaults__,
+        wrapper_forward.__closure__,
+    )
+    forward.__doc__ = student_forward.__doc__
+    forward.__qualname__ = wrapper_forward.__qualname__
     forward.__signature__ = inspect.signature(student_forward)  # type: ignore[attr-defined]
     return forward
 

@@ -48,8 +48,13 @@ class StaticLossBalancer(DistillationLossBalancer):
     def forward(self, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
         losses = dict(loss_dict)
         student_loss = self.pop_student_loss(losses)
-        self.check_kd_losses(list(losses))
-        total: Any = sum(w * loss for w, loss in zip(self.weights, losses.values(), strict=True))
+        if len(losses) != len(self.weights):
+            self.check_kd_losses(list(losses))  # raises with the names
+        kd_losses = iter(zip(self.weights, losses.values(), strict=True))
+        weight, loss = next(kd_losses)
+        total = weight * loss  # not sum(): starting from 0 adds a node to the graph
+        for weight, loss in kd_losses:
+            total = total + weight * loss
         if student_loss is not None:
             total = total + self.student_loss_weight * student_loss
         elif self.student_loss_weight > 0:
@@ -58,7 +63,7 @@ class StaticLossBalancer(DistillationLossBalancer):
                 f"{self.student_loss_weight:g} of the total is student_loss, but "
                 "compute_kd_loss got no student_loss"
             )
-        return total  # type: ignore[no-any-return]
+        return total
 
     def extra_repr(self) -> str:
         return f"kd_loss_weight={self.kd_loss_weight!r}"
@@ -210,7 +215,7 @@ class ScheduledLossBalancer(DistillationLossBalancer):
             )
         if self.training and self.advance_every is not None:
             self._count_call(self.advance_every)
-        return total  # type: ignore[no-any-return]
+        return total
 
     @torch.no_grad()
     def _count_call(self, advance_every: int) -> None:
