@@ -12,6 +12,7 @@ import kdcore
 from kdcore.checkpoint import CheckpointFormatError, atomic_write
 from kdcore.registry import Registry
 from kdcore_builtins import safetensors_format
+from kdcore_builtins.sharded_backends import DcpBackend, ShardedSafetensorsBackend
 
 MANIFEST_KEY = "kdcore"
 
@@ -50,3 +51,5 @@ class SafetensorsCheckpoint(safetensors_format.SafetensorsFile):
 @kdcore.hookimpl
 def kdcore_register_checkpoint_backends(registry: Registry[Any]) -> None:
     registry.add("safetensors", SafetensorsBackend())
+    registry.add("safetensors-sharded", ShardedSafetensorsBackend())
+    registry.add("torch-dcp", DcpBackend())
