@@ -220,10 +220,10 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
                 "path, if any, is unchanged"
             ) from exc
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     # The rename is durable only once the folder's entry is on disk.
     with contextlib.suppress(OSError):
         descriptor = os.open(folder, os.O_RDONLY)

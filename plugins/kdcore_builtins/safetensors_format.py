@@ -49,7 +49,7 @@ def _check_byte_order() -> None:
         raise RuntimeError("kdcore reads and writes safetensors on little-endian machines only")
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without copying (NumPy is not needed)."""
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
@@ -87,7 +87,7 @@ def write(
     file.write(header)
     for tensor in tensors.values():
         cpu = tensor.detach().to("cpu").contiguous()
-        file.write(_byte_view(cpu))
+        file.write(byte_view(cpu))
 
 
 class SafetensorsFile:
@@ -121,8 +121,8 @@ class SafetensorsFile:
         if length > MAX_HEADER_BYTES:
             raise self._fail(f"header length {length} exceeds {MAX_HEADER_BYTES} bytes")
         try:
-            header = json.loads(self._file.read(length), object_pairs_hook=_no_duplicates)
-        except _DuplicateKeyError as exc:
+            header = json.loads(self._file.read(length), object_pairs_hook=no_duplicate_keys)
+        except DuplicateKeyError as exc:
             raise self._fail(f"duplicate tensor name {exc.args[0]!r} in the header") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise self._fail(f"header is not valid JSON ({exc})") from None
@@ -198,7 +198,7 @@ class SafetensorsFile:
         # Straight into the parameter when it can hold the bytes as they are: one copy.
         target = out if out is not None and fits else torch.empty(shape, dtype=dtype)
         self._file.seek(self._data_start + begin)
-        if self._file.readinto(_byte_view(target)) != end - begin:  # shrank since the check
+        if self._file.readinto(byte_view(target)) != end - begin:  # shrank since the check
             raise self._fail(f"tensor {name!r} is truncated")
         if out is not None and not fits:
             out.copy_(target)
@@ -209,15 +209,16 @@ class SafetensorsFile:
         self._file.close()
 
 
-class _DuplicateKeyError(ValueError):
-    pass
+class DuplicateKeyError(ValueError):
+    """A JSON object repeats a key (``json`` would silently keep the last)."""
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads`` that refuses repeated keys."""
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _DuplicateKeyError(key)
+            raise DuplicateKeyError(key)
         result[key] = value
     return result
 

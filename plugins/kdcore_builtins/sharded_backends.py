@@ -70,6 +70,7 @@ from kdcore.checkpoint import (
     CheckpointWriteError,
     TensorInfo,
     atomic_write,
+    fsync_folder,
 )
 from kdcore_builtins import safetensors_format
 
@@ -166,15 +167,6 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 def _plain_name(name: object) -> TypeGuard[str]:
     """A file name inside the folder: no separators, not '.' or '..', nothing absolute."""
     return (
@@ -192,8 +184,8 @@ def _read_json(path: Path, what: str) -> Any:
     if size > MAX_JSON_BYTES:
         raise CheckpointFormatError(path, f"{what} is {size} bytes, more than {MAX_JSON_BYTES}")
     try:
-        return json.loads(path.read_bytes(), object_pairs_hook=_no_duplicates)
-    except _DuplicateKeyError as exc:
+        return json.loads(path.read_bytes(), object_pairs_hook=safetensors_format.no_duplicate_keys)
+    except safetensors_format.DuplicateKeyError as exc:
         raise CheckpointFormatError(path, f"duplicate key {exc.args[0]!r} in the {what}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointFormatError(path, f"{what} is not valid JSON ({exc})") from None
@@ -217,19 +209,6 @@ def _peek_json(path: Path) -> Any:
         return json.loads(path.read_bytes())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-
-
-class _DuplicateKeyError(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
-    return result
 
 
 def _dcp_is_newer(folder: Path) -> bool:
@@ -260,14 +239,14 @@ def _remove_sharded_checkpoint(
             stale.add(entry)
     for name in sorted(stale - keep):
         _remove_quietly(folder / name)
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _remove_dcp_checkpoint(folder: Path, keep: str | None = None) -> None:
     for entry in _listdir(folder):
         if _DCP_FOLDER.fullmatch(entry) and entry != keep:
             _remove_quietly(folder / entry)
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _listdir(folder: Path) -> list[str]:
@@ -333,7 +312,7 @@ class ShardedSafetensorsBackend:
             for shard in written:
                 with contextlib.suppress(FileNotFoundError):
                     shard.unlink()
-            _fsync_folder(folder)
+            fsync_folder(folder)
             if isinstance(exc, OSError):  # CheckpointWriteError from atomic_write included
                 raise _write_failed(folder, exc) from exc
             raise
@@ -524,7 +503,7 @@ class DcpBackend:
                     no_dist=not distributed,
                 )
             if coordinator:
-                _fsync_folder(folder / subfolder)
+                fsync_folder(folder / subfolder)
                 marker = {
                     "format": DCP_FORMAT,
                     "format_version": DCP_FORMAT_VERSION,
@@ -536,7 +515,7 @@ class DcpBackend:
         except BaseException as exc:
             if coordinator:
                 _remove_quietly(folder / subfolder)
-                _fsync_folder(folder)
+                fsync_folder(folder)
             if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
                 raise
             raise _write_failed(folder, exc) from exc  # DCP raises CheckpointException
@@ -892,7 +871,7 @@ class _TensorRecord:
     def read_into(self, target: torch.Tensor) -> None:
         nbytes = self.storage_numel * self.dtype.itemsize
         self.file.seek(self.data_start)
-        if self.file.readinto(safetensors_format._byte_view(target)) != nbytes:  # type: ignore[attr-defined]
+        if self.file.readinto(safetensors_format.byte_view(target)) != nbytes:  # type: ignore[attr-defined]
             raise CheckpointFormatError(self.path, "truncated while reading")
 
     def read(self) -> torch.Tensor:
