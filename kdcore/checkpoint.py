@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -323,6 +324,37 @@ def open_checkpoint(path: Path) -> CheckpointReader:
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """Nothing at the path."""
+
+
+def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of the checkpoint at ``path`` and a summary of its tensors, by group.
+
+    Reads the header only (no tensor data) and runs nothing the file names.
+    """
+    path = Path(path)
+    with contextlib.closing(open_checkpoint(path)) as reader:
+        manifest = parse_manifest(reader.manifest, path)
+        groups: dict[str, dict[str, int]] = {}
+        for name, info in reader.tensors.items():
+            group = _tensor_group(name)
+            entry = groups.setdefault(group, {"tensors": 0, "parameters": 0, "bytes": 0})
+            count = math.prod(info.shape)
+            entry["tensors"] += 1
+            entry["parameters"] += count
+            entry["bytes"] += count * torch.empty((), dtype=info.dtype).element_size()
+    return {"path": str(path), "manifest": manifest, "tensor_groups": groups}
+
+
+def _tensor_group(name: str) -> str:
+    for prefix, group in (
+        (OPTIMIZER_PREFIX, "optimizer"),
+        (f"{TEACHER}.", "teacher"),
+        (f"{LOSS_MODULES}.", "loss modules"),
+        (f"{BALANCER}.", "balancer"),
+    ):
+        if name.startswith(prefix):
+            return group
+    return "student"
 
 
 def _describe_unknown(path: Path, backends: list[str]) -> str:

@@ -571,3 +571,17 @@ def test_a_third_party_modes_config_is_recorded_and_replayed(
         path = kd.save(model, tmp_path / "modes.safetensors")
         restored = kd.restore(TinyNet(), path)
         assert torch.equal(restored.teacher_model.fc2.weight, model.teacher_model.fc2.weight)
+
+
+def test_inspect_summarises_the_manifest_and_tensor_groups(
+    tmp_path: Path, batch: torch.Tensor
+) -> None:
+    from kdcore.checkpoint import inspect_checkpoint
+
+    model, optimizer = trained(batch, expose_minimal_state_dict=False)
+    path = kd.save(model, tmp_path / "run.safetensors", optimizer=optimizer)
+    summary = inspect_checkpoint(path)
+    groups = summary["tensor_groups"]
+    assert set(groups) == {"student", "teacher", "loss modules", "optimizer"}
+    assert groups["student"] == {"tensors": 4, "parameters": 4 * 8 + 8 + 8 * 3 + 3, "bytes": 4 * 67}
+    assert summary["manifest"]["modes"][0]["name"] == "kd_loss"
