@@ -888,3 +888,48 @@ def test_deeply_nested_pickles_are_refused_cleanly() -> None:
         sharded_backends._dcp_entries(value)
     with pytest.raises(sharded_backends._ShapeError, match=r"got \(\(\(\(\.\.\.\),"):
         sharded_backends._int(value, "x")
+
+
+def test_getattr_in_dcp_metadata_is_only_an_enum_member_lookup() -> None:
+    """Python 3.11.2 pickles enum members as getattr(EnumClass, "NAME"); nothing else passes."""
+
+    from kdcore_builtins.sharded_backends import (
+        _METADATA_GLOBALS,
+        _evaluate_pickle,
+        _PickleRefusedError,
+    )
+
+    def build(module: str, cls: str, attribute: str) -> bytes:
+        def unicode(text: str) -> bytes:
+            data = text.encode()
+            return b"\x8c" + bytes([len(data)]) + data
+
+        return (
+            b"\x80\x04"
+            + unicode("builtins")
+            + unicode("getattr")
+            + b"\x93"
+            + unicode(module)
+            + unicode(cls)
+            + b"\x93"
+            + unicode(attribute)
+            + b"\x86"
+            + b"R"
+            + b"."
+        )
+
+    member = _evaluate_pickle(
+        build(
+            "torch.distributed.checkpoint.metadata",
+            "_MEM_FORMAT_ENCODING",
+            "TORCH_CONTIGUOUS_FORMAT",
+        ),
+        _METADATA_GLOBALS,
+    )
+    assert member.args == ("TORCH_CONTIGUOUS_FORMAT",)
+    for module, cls, attribute in [
+        ("os", "path", "join"),
+        ("torch.distributed.checkpoint.metadata", "Metadata", "__reduce__"),
+    ]:
+        with pytest.raises(_PickleRefusedError):
+            _evaluate_pickle(build(module, cls, attribute), _METADATA_GLOBALS)

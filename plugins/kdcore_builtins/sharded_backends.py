@@ -1045,6 +1045,8 @@ def _evaluate_pickle(
     def global_(module: object, name: object) -> _Global:
         if not isinstance(module, str) or not isinstance(name, str):
             raise _PickleRefusedError("is a malformed pickle (a global named by non-strings)")
+        if (module, name) == _ENUM_LOOKUP:  # only as getattr(allowed enum class, member name)
+            return _Global(module, name)
         if (module, name) not in allowed:
             raise _PickleRefusedError(
                 f"refers to {module}.{name}, which is not one of the classes this format uses"
@@ -1130,7 +1132,10 @@ def _evaluate_pickle(
                 callable_ = stack.pop()
                 if not isinstance(callable_, _Global) or not isinstance(args, tuple):
                     raise _PickleRefusedError(f"is a malformed pickle ({op} on a non-global)")
-                stack.append(_Instance(callable_, args))
+                if callable_ == _ENUM_LOOKUP:
+                    stack.append(_enum_member(args, allowed))
+                else:
+                    stack.append(_Instance(callable_, args))
             elif op == "BUILD":
                 state = stack.pop()
                 target = stack[-1]
@@ -1150,6 +1155,28 @@ def _evaluate_pickle(
     except Exception as exc:  # genops' own complaints: truncated, bad opcode, bad argument
         raise _PickleRefusedError(f"is not a valid pickle ({exc})") from None
     raise _PickleRefusedError("is a truncated pickle (no STOP)")
+
+
+# Some Python 3.11 releases pickle an enum member as getattr(EnumClass, "MEMBER"), others as
+# EnumClass(value); the first is accepted only in exactly that shape.
+_ENUM_LOOKUP = ("builtins", "getattr")
+
+
+def _enum_member(args: tuple[Any, ...], allowed: frozenset[tuple[str, str]]) -> _Instance:
+    valid = (
+        len(args) == 2
+        and isinstance(args[0], _Global)
+        and tuple(args[0]) in allowed
+        and isinstance(args[1], str)
+        and args[1].isidentifier()
+        and not args[1].startswith("_")
+    )
+    if not valid:
+        raise _PickleRefusedError(
+            f"uses builtins.getattr on {_short(args)}, not as an enum member lookup; "
+            "refused without running anything"
+        )
+    return _Instance(args[0], (args[1],))
 
 
 def _expect_list(value: Any) -> list[Any]:
