@@ -1,6 +1,8 @@
 """The ``kdcore`` command line.
 
-``kdcore plugins`` lists what the installed plugins register. Each subcommand is one
+``kdcore plugins`` lists what the installed plugins register, ``kdcore check CONFIG`` checks a
+config file before anything is built, ``kdcore inspect PATH`` prints a checkpoint's manifest.
+Each subcommand is one
 ``_add_<name>_command(subparsers)`` function that sets ``handler``; handlers import what they
 need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (``check``,
 ``inspect``, ``distill``...) is one more function added to :data:`COMMANDS`.
@@ -9,6 +11,8 @@ need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (
 
     $ kdcore plugins
     $ kdcore plugins --json
+    $ kdcore check distill.toml --student mypkg.models:build_student
+    $ kdcore inspect run.safetensors
 """
 
 from __future__ import annotations
@@ -208,4 +212,106 @@ def _describe(obj: object) -> str:
     return name if target is obj else f"{name} instance"
 
 
-COMMANDS: list[Callable[[Any], None]] = [_add_plugins_command]
+# ---------------------------------------------------------------------------- kdcore check
+
+
+def _add_check_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "check",
+        help="check a config file and say what it would build",
+        description=(
+            "Read a TOML, JSON or YAML config, check every key, type and plugin name without "
+            "building the teacher, and print what kd.convert would build. With --student, "
+            "also check the layer names against the student that the callable returns."
+        ),
+    )
+    parser.add_argument("config", help="the config file (.toml, .json, .yaml)")
+    parser.add_argument(
+        "--student", metavar="MODULE:CALLABLE", help="a function or class returning the student"
+    )
+    parser.set_defaults(handler=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from kdcore.config_files import load_config
+    from kdcore.errors import ConfigTypeError
+    from kdcore.modes import check
+    from kdcore.references import resolve
+
+    modes = load_config(args.config)
+    student = None
+    if args.student is not None:
+        student = resolve(args.student, what="student factory")()
+        import torch.nn
+
+        if not isinstance(student, torch.nn.Module):
+            raise ConfigTypeError(f"--student {args.student} returned {type(student).__name__}")
+    for line in check(modes, student=student):
+        print(line)
+    print(f"{args.config}: ok")
+    return 0
+
+
+# ---------------------------------------------------------------------------- kdcore inspect
+
+
+def _add_inspect_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="print a checkpoint's manifest and tensor summary",
+        description=(
+            "Print what a kd.save checkpoint holds: format and kdcore version, the modes with "
+            "their teacher spec, criteria and balancer, and tensor counts and sizes by group. "
+            "Reads the header only and runs nothing the file names."
+        ),
+    )
+    parser.add_argument("path", help="a checkpoint file or folder")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from kdcore.checkpoint import inspect_checkpoint
+
+    summary = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    manifest = summary["manifest"]
+    print(f"{summary['path']}")
+    print(
+        f"  format {manifest['format_version']}, written by kdcore {manifest['kdcore_version']}, "
+        f"student {manifest.get('student_class')}"
+    )
+    for mode in manifest["modes"]:
+        config = mode["config"] or {}
+        print(f"  mode {mode['name']}")
+        if "teacher_model" in config:
+            saved = " (weights in the checkpoint)" if mode["teacher_weights"] else ""
+            print(f"    teacher: {json.dumps(config['teacher_model'])}{saved}")
+        for index, pair in enumerate(config.get("criterion") or []):
+            print(
+                f"    criterion[{index}]: student {pair['student'] or '<output>'!r} <- teacher "
+                f"{pair['teacher'] or '<output>'!r}: {json.dumps(pair['loss'])}"
+            )
+        if "loss_balancer" in config:
+            print(f"    loss balancer: {json.dumps(config['loss_balancer'])}")
+        for where, why in mode["missing"]:
+            print(f"    not recorded: {where} ({why})")
+    if manifest.get("optimizer"):
+        print(f"  optimizer: {manifest['optimizer']['class']}")
+    rows = [["TENSORS", "COUNT", "PARAMETERS", "MIB"]]
+    for group, entry in summary["tensor_groups"].items():
+        mib = f"{entry['bytes'] / 2**20:.2f}"
+        rows.append([group, str(entry["tensors"]), f"{entry['parameters']:,}", mib])
+    print("\n".join(_table(rows, indent="  ")))
+    return 0
+
+
+COMMANDS: list[Callable[[Any], None]] = [
+    _add_plugins_command,
+    _add_check_command,
+    _add_inspect_command,
+]
