@@ -310,8 +310,85 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- kdcore distill
+
+
+def _add_distill_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="run a distillation job (with no config: a built-in demo on the UCI digits)",
+        description=(
+            "Train a student distilled from a teacher. CONFIG (TOML, JSON or YAML) holds the "
+            "mode tables (as for 'kdcore check') and a [train] table: student and data "
+            "factories ('module:callable'), optimizer, learning_rate, epochs or steps, "
+            "batch_size, device, precision, grad_accumulation, output, checkpoint_every, "
+            "log_every, seed. Without CONFIG, run the embedded demo (no download)."
+        ),
+    )
+    parser.add_argument("config", nargs="?", help="the job file (.toml, .json, .yaml)")
+    parser.add_argument(
+        "--resume", metavar="PATH", help="continue from a checkpoint this command saved"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="demo only: a few training steps (a smoke test)"
+    )
+    parser.set_defaults(handler=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", "Failed to initialize NumPy")
+    if args.config is None:
+        if args.resume is not None:
+            print(f"{PROG} distill: error: --resume needs the job's CONFIG", file=sys.stderr)
+            return 2
+        from kdcore.training.demo import run_demo
+
+        if args.quick:
+            run_demo(teacher_steps=60, student_steps=60)
+        else:
+            run_demo()
+        return 0
+    from kdcore.training import load_job, train
+
+    if os.getcwd() not in sys.path:  # 'module:callable' names may be modules of this folder
+        sys.path.insert(0, os.getcwd())
+    modes, config = load_job(args.config)  # everything checked before anything is built
+    try:
+        result = train(modes, config, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"{PROG} distill: interrupted", file=sys.stderr)
+        return 130
+    _loss_plot(result.losses, config.output)
+    return 0
+
+
+def _loss_plot(losses: list[float], output: str) -> None:
+    """Save ``<output>/loss.png`` when matplotlib is installed; else say so in one line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no loss plot: matplotlib is not installed)")
+        return
+    from pathlib import Path
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(range(1, len(losses) + 1), losses)
+    axes.set_xlabel("step (this run)")
+    axes.set_ylabel("total loss")
+    path = Path(output) / "loss.png"
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    print(f"loss plot saved to {path}")
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     _add_plugins_command,
     _add_check_command,
     _add_inspect_command,
+    _add_distill_command,
 ]

@@ -1,0 +1,221 @@
+"""``kdcore distill``: the demo, config jobs, checks before building, resume, Ctrl-C, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import kdcore as kd
+from kdcore import cli
+from kdcore.training import TrainConfig, load_job, train
+from kdcore.training.demo import load_digits, run_demo
+from tests.conftest import TinyNet
+
+BUILT: list[str] = []
+
+
+def tiny_data() -> tuple[TensorDataset, TensorDataset]:
+    """The test data factory: 3 classes of points in 4 dimensions, fixed seed."""
+    BUILT.append("data")
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(96, 4, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x[:72], y[:72]), TensorDataset(x[72:], y[72:])
+
+
+def tiny_student() -> TinyNet:
+    BUILT.append("student")
+    return TinyNet()
+
+
+JOB = """
+[train]
+student = "tests.test_distill:tiny_student"
+data = "tests.test_distill:tiny_data"
+optimizer = "adam"
+learning_rate = 0.01
+steps = {steps}
+batch_size = 16
+grad_accumulation = 2
+output = "{output}"
+checkpoint_every = {every}
+log_every = 2
+seed = 3
+
+[kd_loss]
+teacher_model = {{ name = "callable", target = "tests.conftest:make_teacher" }}
+loss_balancer = {{ name = "static", kd_loss_weight = 0.5 }}
+[[kd_loss.criterion]]
+student = ""
+teacher = ""
+loss = {{ name = "logits", temperature = 2.0 }}
+"""
+
+
+def write_job(folder: Path, *, steps: int = 6, every: int = 3, name: str = "job") -> Path:
+    path = folder / f"{name}.toml"
+    output = (folder / f"{name}-out").as_posix()
+    path.write_text(JOB.format(steps=steps, output=output, every=every), encoding="utf-8")
+    return path
+
+
+def test_load_digits_is_the_uci_set() -> None:
+    x, y = load_digits()
+    assert x.shape == (1797, 64) and y.shape == (1797,)
+    assert float(x.min()) >= 0.0 and float(x.max()) == 1.0
+    assert sorted(set(y.tolist())) == list(range(10))
+
+
+def test_demo_runs_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["distill", "--quick"]) == 0
+    out = capsys.readouterr().out
+    for row in ("teacher (1,300 labels)", "student alone", "student distilled", "wall time"):
+        assert row in out
+
+
+def test_demo_distillation_helps() -> None:
+    result = run_demo(log=None)  # the full demo: a few seconds
+    (_, teacher, big, _), (_, alone, small, _), (_, distilled, same, _) = result["rows"]
+    assert small == same < big
+    assert teacher > 0.9 and distilled > alone
+
+
+def test_config_job_runs_checkpoints_and_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path)
+    assert cli.main(["distill", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "step 2/6  loss " in out and "student_loss" in out and "examples/s" in out
+    assert "validation accuracy" in out
+    assert "(no loss plot: matplotlib is not installed)" in out or "loss plot saved" in out
+    folder = tmp_path / "job-out"
+    assert (folder / "step-3.safetensors").exists() and (folder / "step-6.json").exists()
+    state = json.loads((folder / "step-6.json").read_text())
+    assert state["step"] == 6 and len(state["rng"]) == len(torch.get_rng_state())
+
+    fresh = kd.restore(TinyNet(), folder / "student.safetensors")
+    assert type(fresh) is TinyNet and not hasattr(fresh, "_kd")
+    whole = kd.restore(TinyNet(), folder / "step-6.safetensors")
+    assert torch.equal(fresh.fc1.weight, kd.export(whole).fc1.weight)
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement", "message"),
+    [
+        (
+            "learning_rate = 0.01",
+            "lerning_rate = 0.01",
+            "train.lerning_rate: unknown key; did you mean 'learning_rate'?",
+        ),
+        ('optimizer = "adam"', 'optimizer = "adamm"', "train.optimizer: expected one of"),
+        ("batch_size = 16", 'batch_size = "16"', "train.batch_size: expected int"),
+        ("steps = 6", "steps = 6\nepochs = 2", "train.steps: give epochs or steps, not both"),
+        ("temperature = 2.0", "temprature = 2.0", "kd_loss.criterion[0].loss.temprature"),
+    ],
+)
+def test_bad_config_fails_with_path_and_builds_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, replacement: str, message: str
+) -> None:
+    job = write_job(tmp_path)
+    text = job.read_text()
+    assert line in text
+    job.write_text(text.replace(line, replacement))
+    BUILT.clear()
+    assert cli.main(["distill", str(job)]) == 1
+    err = capsys.readouterr().err
+    assert str(job) in err and message in err
+    assert BUILT == [] and not (tmp_path / "job-out").exists()
+
+
+def test_missing_train_table_is_refused(tmp_path: Path) -> None:
+    job = write_job(tmp_path)
+    job.write_text(job.read_text().replace("[train]", "[trian]"))
+    with pytest.raises(kd.ConfigError):
+        load_job(job)
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    whole_modes, whole = load_job(write_job(tmp_path, steps=8, every=4, name="whole"))
+    straight = train(whole_modes, whole, log=None)
+
+    modes, first = load_job(write_job(tmp_path, steps=4, every=0, name="half"))
+    head = train(modes, first, log=None)
+    second = attrs.evolve(first, steps=8)  # the same job, asked for 8 steps in all
+    tail = train(modes, second, resume=head.checkpoint, log=None)
+
+    assert head.checkpoint is not None and head.checkpoint.name == "step-4.safetensors"
+    assert tail.steps == 8
+    assert head.losses + tail.losses == straight.losses
+    assert torch.equal(tail.student.fc1.weight, straight.student.fc1.weight)
+
+
+def test_keyboard_interrupt_saves_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdcore.training.loop as loop
+
+    real_train = loop.train
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            if step == 5:
+                raise KeyboardInterrupt
+
+        return real_train(*args, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr("kdcore.training.train", interrupted)
+    job = write_job(tmp_path, steps=8, every=0)
+    assert cli.main(["distill", str(job)]) == 130
+    captured = capsys.readouterr()
+    assert "interrupted; checkpoint saved" in captured.out and "interrupted" in captured.err
+    saved = tmp_path / "job-out" / "step-5.safetensors"
+    assert saved.exists()
+    assert json.loads(saved.with_suffix(".json").read_text())["step"] == 5
+
+    monkeypatch.undo()
+    assert cli.main(["distill", str(job), "--resume", str(saved)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (tmp_path / "job-out" / "step-8.safetensors").exists()
+
+
+def test_resume_without_config_is_a_usage_error() -> None:
+    assert cli.main(["distill", "--resume", "x.safetensors"]) == 2
+
+
+def test_bf16_autocast_and_epochs(tmp_path: Path) -> None:
+    config = TrainConfig(
+        student="tests.test_distill:tiny_student",
+        data="tests.test_distill:tiny_data",
+        epochs=2,
+        batch_size=16,
+        precision="bf16",
+        output=str(tmp_path / "out"),
+    )
+    result = train([], config, log=None)
+    assert result.steps == 2 * 5  # 72 examples in batches of 16: 5 a epoch
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.validation_accuracy is not None
+
+
+def bad_data() -> TensorDataset:
+    return tiny_data()[0]
+
+
+def test_json_job_and_the_data_contract(tmp_path: Path) -> None:
+    import tomllib
+
+    table = tomllib.loads(write_job(tmp_path).read_text())
+    table["train"]["data"] = "tests.test_distill:bad_data"
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(table))
+    modes, config = load_job(job)
+    assert config.data == "tests.test_distill:bad_data" and modes[0][0] == "kd_loss"
+    with pytest.raises(kd.ConfigTypeError, match=r"train\.data: must return \(train, validation\)"):
+        train(modes, config, log=None)
