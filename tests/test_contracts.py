@@ -117,6 +117,19 @@ def _relation_inputs() -> Inputs:
     return torch.randn(4, 5), torch.randn(4, 7), {}
 
 
+# ---------------------------------------------------------- kdcore_builtins.divergences
+def _hidden_inputs() -> Inputs:
+    """Hidden states (widths 4 and 6) and the two lm heads (vocabulary 5) for ``fused_logits``."""
+    heads = (nn.Linear(4, 5), nn.Linear(6, 5))
+    return torch.randn(2, 3, 4), torch.randn(2, 3, 6), {"lm_heads": heads}
+
+
+def _fused_end_to_end() -> EndToEnd:
+    student, teacher, batch = _tiny_pair()
+    criterion = {("fc2:input", "fc2:input"): {"name": "fused_logits", "divergence": "jsd"}}
+    return EndToEnd(student, teacher, criterion, batch)
+
+
 # ====================================================================== the tables
 @dataclass
 class CriterionCase:
@@ -169,6 +182,40 @@ CRITERIA: dict[str, CriterionCase] = {
     "dkd": CriterionCase(kwargs={}, inputs=_mft_inputs, end_to_end=_dkd_end_to_end),
     "dist": CriterionCase(
         kwargs={}, inputs=_logit_inputs, end_to_end=_whole_model("dist", tau=2.0)
+    ),
+    # kdcore_builtins.divergences
+    "forward_kl": CriterionCase(
+        kwargs={},
+        inputs=_logit_inputs,
+        end_to_end=_whole_model("forward_kl", temperature=2.0),
+        none_shape=(2, 3),
+    ),
+    "reverse_kl": CriterionCase(
+        kwargs={}, inputs=_logit_inputs, end_to_end=_whole_model("reverse_kl"), none_shape=(2, 3)
+    ),
+    "jsd": CriterionCase(
+        kwargs={}, inputs=_logit_inputs, end_to_end=_whole_model("jsd", beta=0.3), none_shape=(2, 3)
+    ),
+    "skew_kl": CriterionCase(
+        kwargs={}, inputs=_logit_inputs, end_to_end=_whole_model("skew_kl"), none_shape=(2, 3)
+    ),
+    "skew_reverse_kl": CriterionCase(
+        kwargs={},
+        inputs=_logit_inputs,
+        end_to_end=_whole_model("skew_reverse_kl"),
+        none_shape=(2, 3),
+    ),
+    "tvd": CriterionCase(
+        kwargs={}, inputs=_logit_inputs, end_to_end=_whole_model("tvd"), none_shape=(2, 3)
+    ),
+    "topk_kl": CriterionCase(
+        kwargs={"k": 3},
+        inputs=_logit_inputs,
+        end_to_end=_whole_model("topk_kl", k=2, tail_bucket=True),
+        none_shape=(2, 3),
+    ),
+    "fused_logits": CriterionCase(
+        kwargs={}, inputs=_hidden_inputs, end_to_end=_fused_end_to_end, none_shape=(2, 3)
     ),
 }
 

@@ -11,6 +11,7 @@ from torch import nn
 
 import kdcore
 from kdcore.registry import Registry
+from kdcore_builtins.divergences import ForwardKLLoss
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
@@ -59,39 +60,25 @@ def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -
         )
 
 
-class LogitsDistillationLoss(nn.Module):
+class LogitsDistillationLoss(ForwardKLLoss):
     """Soft-label KD (Hinton et al., 2015, arXiv 1503.02531).
 
     ``KL(softmax(t / T) || softmax(s / T)) * T**2``, as ``F.kl_div`` computes it with ``reduction``
     (``"mean"`` averages over every element, classes included, as PyTorch does); with
     ``"none"`` the result is summed over the class dimension: one loss per position.
+
+    Computed in row chunks by a custom autograd function (no ``[N, V]`` float32 temporaries
+    beyond the gradient; half-precision logits are upcast a chunk at a time); ``labels=``
+    (positions labelled -100 are left out) and ``num_items_in_batch=`` work as described in
+    :mod:`kdcore_builtins.divergences`. The constructor keeps the reference's two arguments; the
+    ``forward_kl`` criterion is the same divergence with a custom ``ignore_index`` and
+    ``vocab_alignment`` for padded vocabularies.
     """
 
+    _vocab_hint = "use the 'forward_kl' criterion with vocab_alignment='truncate' or 'mask'"
+
     def __init__(self, temperature: float = 1.0, reduction: str = "mean") -> None:
-        super().__init__()
-        self.temperature = _check_temperature(temperature)
-        self.reduction = _check_reduction(reduction)
-
-    def forward(self, student_output: Any, teacher_output: Any) -> torch.Tensor:
-        student = as_logits(student_output, "student")
-        teacher = as_logits(teacher_output, "teacher")
-        _check_same_shape(student, teacher, type(self).__name__)
-        temperature = self.temperature
-        log_student = F.log_softmax(student / temperature, dim=-1)
-        soft_teacher = F.softmax(teacher.detach() / temperature, dim=-1)
-        pointwise = F.kl_div(log_student, soft_teacher, reduction="none")
-        if self.reduction == "none":
-            loss = pointwise.sum(-1)
-        elif self.reduction == "mean":  # what F.kl_div's "mean" computes, without its warning
-            loss = pointwise.mean()
-        elif self.reduction == "sum":
-            loss = pointwise.sum()
-        else:
-            loss = pointwise.sum() / pointwise.shape[0]
-        return loss * temperature**2
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        super().__init__(temperature, reduction)
 
 
 class MFTLoss(nn.Module):
