@@ -794,6 +794,25 @@ def test_fused_loss_in_bfloat16_accumulates_the_weight_gradient_in_float32() -> 
     torch.testing.assert_close(ws.grad.float(), w32.grad, atol=2e-3, rtol=5e-2)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "chunked"])
+def test_backward_twice_with_retain_graph_doubles_the_gradient(fused: bool, reduction: str) -> None:
+    hs = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(9, 5, dtype=torch.float64)
+    ws = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(11, 5, dtype=torch.float64)
+    if fused:
+        loss = fused_linear_divergence(hs, ht, ws, wt, reduction=reduction, chunk_size=4)
+    else:
+        loss = logit_divergence(hs @ ws.t(), ht @ wt.t(), reduction=reduction)
+    loss.sum().backward(retain_graph=True)
+    once = hs.grad.clone()
+    loss.sum().backward()
+    torch.testing.assert_close(hs.grad, 2 * once, **F64)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.sum().backward()
+
+
 def test_fused_forward_saves_no_logits_sized_tensor(criteria: Any) -> None:
     student, teacher = heads(hidden=8, teacher_hidden=8, vocab=300)
     hs = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)

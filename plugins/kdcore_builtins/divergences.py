@@ -1055,7 +1055,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 assert g is not None
                 grads.add(hs_chunk, g.div_(spec.temperature), start, stop)
         if eager:
-            ctx.grads = grads.finish() if grads is not None else None
+            # Saved (not kept on ctx) so that autograd frees them after a backward without
+            # retain_graph, keeps them for one with it, and reports a second backward as usual.
+            ctx.has_grads = grads is not None
+            ctx.save_for_backward(*(grads.finish() if grads is not None else ()))
             return losses.sum()
         ctx.save_for_backward(hs, ht, ws, wt, bs, bt, rows)
         return losses
@@ -1065,8 +1068,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
         spec: _Spec = ctx.spec
         if ctx.eager:
-            grads = ctx.grads
-            ctx.grads = None
+            grads = ctx.saved_tensors if ctx.has_grads else (None, None, None)
             scaled = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
             return scaled[0], None, scaled[1], None, scaled[2], None, None, None, None
         hs, ht, ws, wt, bs, bt, rows = ctx.saved_tensors
