@@ -12,6 +12,9 @@ import errno
 import json
 import math
 import os
+import re
+import reprlib
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -199,12 +202,14 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
     """Write ``path`` through a temporary file in the same folder, fsync, then rename.
 
     Readers see the old file or the new one, never a mix; on any error the temporary file is
-    removed and the old file is untouched.
+    removed and the old file is untouched. A process killed mid-write cannot remove its
+    temporary file, so a later successful write removes the ones no live writer holds.
     """
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointWriteError(f"{path}: folder {str(folder)!r} does not exist")
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    lock = _hold_lock(descriptor)
     try:
         with os.fdopen(descriptor, "wb") as file:
             yield file
@@ -221,7 +226,50 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
                 "path, if any, is unchanged"
             ) from exc
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     fsync_folder(folder)
+    remove_stale_temporaries(path)
+
+
+def _hold_lock(descriptor: int) -> int | None:
+    """Lock the temporary file until it is renamed (a second descriptor: closing the file
+    object must not release it), so that no other writer takes it for a stale one."""
+    if sys.platform == "win32":
+        return None
+    import fcntl
+
+    lock = os.dup(descriptor)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        return None
+    return lock
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove ``path``'s temporary files that killed writers left; never a live writer's
+    (it holds a lock). Nothing is removed where locks are not available (Windows)."""
+    if sys.platform == "win32":
+        return
+    import fcntl
+
+    folder = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    try:
+        entries = [entry for entry in os.listdir(folder) if pattern.fullmatch(entry)]
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            descriptor = os.open(folder / entry, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live writer
+                os.unlink(folder / entry)
+            finally:
+                os.close(descriptor)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -283,6 +331,13 @@ def restore(
                 except KDCoreError as exc:
                     exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
                     raise
+                except Exception as exc:
+                    # Trusted code (a teacher class, a loss) failed on arguments the file gave it.
+                    raise CheckpointError(
+                        path,
+                        f"rebuilding the model from its recorded config failed: {exc!r}; the file "
+                        "is damaged or was written for other code",
+                    ) from exc
             converted_here = True
         elif not saved_modes and is_distillation_model(model):
             raise CheckpointMismatchError(
@@ -298,6 +353,8 @@ def restore(
                 path,
                 partial=False,
             )
+            if optimizer is not None:  # before the model's tensors: a refusal changes nothing
+                _load_optimizer_state(optimizer, _optimizer_state(manifest, reader, path), path)
         except BaseException:
             if converted_here:
                 export(model)
@@ -306,8 +363,6 @@ def restore(
             for name, target in targets.items():
                 source = manifest["aliases"].get(name, name)
                 reader.load(source, out=target)
-        if optimizer is not None:
-            optimizer.load_state_dict(_optimizer_state(manifest, reader))
     return model
 
 
@@ -374,6 +429,8 @@ def parse_manifest(text: str, path: Path) -> dict[str, Any]:
         manifest = json.loads(text)
     except (TypeError, ValueError) as exc:
         raise CheckpointFormatError(path, f"the manifest is not valid JSON ({exc})") from None
+    except RecursionError:  # json gives up on deep nesting with RecursionError, not ValueError
+        raise CheckpointFormatError(path, "the manifest nests too deeply") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointFormatError(path, "has no kdcore manifest (not written by kd.save)")
     version = manifest.get("format_version")
@@ -404,6 +461,17 @@ def parse_manifest(text: str, path: Path) -> dict[str, Any]:
         )
         if not valid:
             raise CheckpointFormatError(path, f"manifest modes[{index}] is malformed")
+        for entry in mode["missing"]:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and all(isinstance(e, str) for e in entry)
+            ):
+                raise CheckpointFormatError(
+                    path,
+                    f"manifest modes[{index}].missing holds {reprlib.repr(entry)}; expected "
+                    "[config path, reason] pairs of strings",
+                )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["aliases"].items()):
         raise CheckpointFormatError(path, "manifest 'aliases' must map names to names")
     return manifest
@@ -461,9 +529,25 @@ def _check_tensors(
                 f"tensor {name!r} has shape {list(available[name].shape)} in the file but "
                 f"{list(info.shape)} in the model",
             )
+        if _dtype_kind(available[name].dtype) != _dtype_kind(info.dtype):
+            # Precision may differ (loading copies with a cast), but a bool or integer tensor
+            # read into a float one, or the reverse, is a damaged or foreign file.
+            raise CheckpointMismatchError(
+                path,
+                f"tensor {name!r} is {available[name].dtype} in the file but {info.dtype} in the "
+                "model",
+            )
     for name in available:
         if name not in expected and not (partial and name.startswith(kd_prefixes)):
             raise CheckpointMismatchError(path, f"holds tensor {name!r}, which the model lacks")
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating point"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 def _check_optimizer(
@@ -472,28 +556,90 @@ def _check_optimizer(
     saved = manifest["optimizer"]
     if saved is None:
         raise CheckpointMismatchError(path, "holds no optimizer state (save with optimizer=)")
-    if not isinstance(saved.get("param_groups"), list) or not isinstance(
-        saved.get("scalars"), dict
-    ):
+    groups, scalars = saved.get("param_groups"), saved.get("scalars")
+    if not isinstance(groups, list) or not isinstance(scalars, dict):
         raise CheckpointFormatError(path, "manifest 'optimizer' is malformed")
+    for index, group in enumerate(groups):
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list) or not all(_is_index(p) for p in params):
+            raise CheckpointFormatError(
+                path, f"manifest optimizer param_groups[{index}] has no 'params' list of indices"
+            )
+    for index, values in scalars.items():
+        if not (_is_index_text(index) and isinstance(values, dict)):
+            raise CheckpointFormatError(
+                path, f"manifest optimizer scalars[{index!r}] must map a parameter index to a dict"
+            )
     ours = [len(group["params"]) for group in optimizer.param_groups]
-    theirs = [len(group.get("params", ())) for group in saved["param_groups"]]
+    theirs = [len(group["params"]) for group in groups]
     if ours != theirs:
         raise CheckpointMismatchError(
             path, f"optimizer parameter groups hold {theirs} parameters, the given optimizer {ours}"
         )
+    for index, (group, given) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        for key, value in group.items():
+            if key != "params" and key in given and not _same_kind(value, given[key]):
+                raise CheckpointFormatError(
+                    path,
+                    f"manifest optimizer param_groups[{index}].{key} is {reprlib.repr(value)}, "
+                    f"where the given optimizer holds {reprlib.repr(given[key])}",
+                )
 
 
-def _optimizer_state(manifest: dict[str, Any], reader: CheckpointReader) -> dict[str, Any]:
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_index_text(value: Any) -> bool:
+    return isinstance(value, str) and value.isdecimal() and value.isascii()
+
+
+def _same_kind(saved: Any, given: Any) -> bool:
+    """A saved hyperparameter has the JSON type of the optimizer's own (None matches any)."""
+    if saved is None or given is None:
+        return True
+    if isinstance(given, bool) or isinstance(saved, bool):
+        return isinstance(given, bool) and isinstance(saved, bool)
+    if isinstance(given, (int, float, torch.Tensor)):
+        return isinstance(saved, (int, float))
+    if isinstance(given, (list, tuple)):
+        return (
+            isinstance(saved, list)
+            and len(saved) == len(given)
+            and all(_same_kind(s, g) for s, g in zip(saved, given, strict=True))
+        )
+    return isinstance(saved, type(given))
+
+
+def _optimizer_state(
+    manifest: dict[str, Any], reader: CheckpointReader, path: Path
+) -> dict[str, Any]:
     saved = manifest["optimizer"]
     state: dict[int, dict[str, Any]] = {}
     for index, values in saved["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     for name in reader.tensors:
         if name.startswith(OPTIMIZER_PREFIX):
-            _, index, key = name[len(OPTIMIZER_PREFIX) :].split(".", 2)
-            state.setdefault(int(index), {})[key] = reader.load(name)
+            parts = name[len(OPTIMIZER_PREFIX) :].split(".", 2)
+            if len(parts) != 3 or parts[0] != "state" or not _is_index_text(parts[1]):
+                raise CheckpointFormatError(
+                    path,
+                    f"tensor {name!r} is not named {OPTIMIZER_PREFIX}state.<parameter index>.<key>",
+                )
+            state.setdefault(int(parts[1]), {})[parts[2]] = reader.load(name)
     return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _load_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], path: Path
+) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        # torch checks the state only as far as it uses it; what it refuses, the file broke.
+        raise CheckpointFormatError(
+            path, f"the optimizer state does not fit the given optimizer ({exc!r})"
+        ) from exc
 
 
 def _registered_anywhere(obj: Any) -> bool:

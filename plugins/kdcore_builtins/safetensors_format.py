@@ -126,6 +126,8 @@ class SafetensorsFile:
             raise self._fail(f"duplicate tensor name {exc.args[0]!r} in the header") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise self._fail(f"header is not valid JSON ({exc})") from None
+        except RecursionError:  # json's answer to deep nesting is not a ValueError
+            raise self._fail("header JSON nests too deeply") from None
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
         metadata = header.pop("__metadata__", {})

@@ -189,6 +189,8 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointFormatError(path, f"duplicate key {exc.args[0]!r} in the {what}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointFormatError(path, f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:  # json's answer to deep nesting is not a ValueError
+        raise CheckpointFormatError(path, f"{what} JSON nests too deeply") from None
 
 
 def _looks_like_json_object(path: Path) -> bool:
@@ -207,7 +209,7 @@ def _peek_json(path: Path) -> Any:
         if not _looks_like_json_object(path):  # don't read a big binary file in full
             return None
         return json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
 
 
@@ -272,8 +274,8 @@ class ShardedSafetensorsBackend:
     name = "safetensors-sharded"
 
     def detect(self, path: Path) -> bool:
-        if path.is_dir():  # a folder with an index that opens a JSON object; open() checks it
-            return _looks_like_json_object(path / INDEX_NAME) and not _dcp_is_newer(path)
+        if path.is_dir():  # a folder with an index, whatever it holds: open() says what is wrong
+            return (path / INDEX_NAME).is_file() and not _dcp_is_newer(path)
         content = _peek_json(path)  # the index file itself
         return isinstance(content, dict) and isinstance(content.get("weight_map"), dict)
 
@@ -466,8 +468,7 @@ class DcpBackend:
     def detect(self, path: Path) -> bool:
         if not path.is_dir():
             return False
-        marker = _peek_json(path / DCP_MARKER)
-        if isinstance(marker, dict) and marker.get("format") == DCP_FORMAT:
+        if (path / DCP_MARKER).is_file():  # kdcore's own marker, damaged or not: open() checks it
             return True
         metadata = path / DCP_METADATA  # a bare DCP checkpoint: open() says what it lacks
         with contextlib.suppress(OSError):
