@@ -59,6 +59,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     import tomllib  # here, not at import time: most runs never read a config file
 
     try:
@@ -70,6 +72,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             data = _load_yaml(text, path)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {kind}: {exc}") from None
+    except RecursionError:  # the parsers' answer to deep nesting is not a parse error
+        raise ConfigError(f"{path}: not valid {kind}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigTypeError(f"{path}: the top level must be a table of modes")
     return data

@@ -95,7 +95,7 @@ class PluginHost:
                     continue
                 try:
                     plugin = entry_point.load()
-                except Exception as exc:  # a broken plugin must not break kdcore
+                except (Exception, SystemExit) as exc:  # a broken plugin must not break kdcore
                     _warn(f"{provider} failed to import ({entry_point.value}): {exc!r}")
                     continue
                 self._register(plugin, provider)
@@ -125,7 +125,8 @@ class PluginHost:
                 if entry_point.group == ENTRY_POINT_GROUP:
                     # A distribution found twice on sys.path (say, editable and installed)
                     # is one distribution.
-                    seen.setdefault((dist.metadata["Name"], entry_point.name), entry_point)
+                    name = dist.metadata["Name"] or "<unnamed>"  # a broken METADATA has none
+                    seen.setdefault((name, entry_point.name), entry_point)
         # kdcore's own plugins first, then the others in a fixed order.
         return [seen[key] for key in sorted(seen, key=lambda k: (k[0] != "kdcore", k))]
 
@@ -154,7 +155,7 @@ def _path_kwargs(search_path: list[str] | None) -> dict[str, Any]:
 
 def _distribution_name(entry_point: importlib.metadata.EntryPoint) -> str:
     dist = getattr(entry_point, "dist", None)
-    return dist.metadata["Name"] if dist is not None else "<unknown>"
+    return (dist.metadata["Name"] or "<unnamed>") if dist is not None else "<unknown>"
 
 
 def _warn(message: str) -> None:

@@ -8,7 +8,13 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from kdcore.errors import PluginConflictError, PluginError, UnknownPluginError, closest
+from kdcore.errors import (
+    ConfigTypeError,
+    PluginConflictError,
+    PluginError,
+    UnknownPluginError,
+    closest,
+)
 
 T = TypeVar("T")
 
@@ -75,6 +81,10 @@ class Registry(Generic[T]):
 
     def get(self, name: str, *, where: str = "") -> T:
         """Return what is registered under ``name``; ``where`` (a config path) goes in errors."""
+        if not isinstance(name, str):  # from a config or a file: a list would not even hash
+            raise ConfigTypeError(
+                f"expected the name of a {self.kind}, got {type(name).__name__}", path=where
+            )
         if name in self._entries:
             return self._entries[name][0]
         prefix = f"{where}: " if where else ""
