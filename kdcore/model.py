@@ -262,6 +262,13 @@ class DistillationModel(nn.Module):
             return losses[state.pairs[0].key]
         return state.balancer(losses)
 
+    def accepts_loss_kwarg(self, name: str) -> bool:
+        """Whether some loss takes the keyword ``name`` (so ``compute_kd_loss`` may be given it).
+
+        For training loops that serve any criterion: pass ``labels=`` only when a loss wants it.
+        """
+        return any(p.accepted_kwargs is None or name in p.accepted_kwargs for p in self._kd.pairs)
+
     def _check_loss_kwargs(self, loss_fn_kwargs: dict[str, Any]) -> None:
         pairs = self._kd.pairs
         if not loss_fn_kwargs or any(p.accepted_kwargs is None for p in pairs):

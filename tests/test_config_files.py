@@ -100,9 +100,14 @@ def test_wrong_type_is_named_with_its_path(tmp_path: Path) -> None:
 
 def test_unknown_teacher_loader_and_missing_target(tmp_path: Path) -> None:
     path = write(tmp_path, "c.toml", TOML.replace('name = "callable"', 'name = "transformers"'))
-    with pytest.raises(
-        kd.UnknownPluginError,
-        match="unknown teacher loader 'transformers'.*pip install kdcore-transformers",
+    # As if kdcore-transformers were not installed (the test command installs it).
+    without_plugin = kd.PluginHost(blocked=["transformers"])
+    with (
+        kd.use_host(without_plugin),
+        pytest.raises(
+            kd.UnknownPluginError,
+            match="unknown teacher loader 'transformers'.*pip install kdcore-transformers",
+        ),
     ):
         kd.load_config(path)
     path = write(tmp_path, "d.toml", TOML.replace("make_teacher", "make_teachr"))

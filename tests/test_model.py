@@ -238,6 +238,20 @@ def test_a_loss_kwarg_no_loss_takes_is_refused_with_a_hint(batch: torch.Tensor) 
         model.compute_kd_loss(lables=torch.zeros(5, dtype=torch.long))
 
 
+def test_accepts_loss_kwarg_says_whether_some_loss_takes_the_keyword() -> None:
+    only_mse = kd_model(TinyNet(), criterion=kd.MSELoss())
+    mixed = kd_model(
+        TinyNet(),
+        teacher=TinyNet(),
+        criterion={("", ""): kd.MFTLoss(), ("fc1", "fc1"): kd.MSELoss()},
+        loss_balancer=kd.StaticLossBalancer([0.5, 0.5]),
+    )
+    takes_all = kd_model(TinyNet(), criterion=lambda s, t, **kwargs: (s - t).abs().mean())
+    assert not only_mse.accepts_loss_kwarg("labels")
+    assert mixed.accepts_loss_kwarg("labels") and not mixed.accepts_loss_kwarg("lables")
+    assert takes_all.accepts_loss_kwarg("anything")
+
+
 def test_captures_are_consumed_by_compute_kd_loss(student: TinyNet, batch: torch.Tensor) -> None:
     model = kd_model(student)
     model(batch)

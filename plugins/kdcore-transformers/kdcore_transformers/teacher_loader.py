@@ -1,0 +1,198 @@
+"""The ``transformers`` teacher loader: ``from_pretrained`` from a local folder or a hub id.
+
+::
+
+    {"name": "transformers", "path": "out/teacher", "dtype": "bfloat16", "device": "cpu"}
+
+Every argument is checked before anything is loaded (``kd.check`` calls :func:`validate`
+without loading), and refused values are named in a :class:`kdcore.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcore.errors import ConfigError, ConfigTypeError, did_you_mean
+
+#: ``dtype`` values; "auto" keeps the dtype the checkpoint was saved in.
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DEFAULT_AUTO_CLASS = "AutoModelForCausalLM"
+#: Keys of ``from_pretrained_kwargs`` that have their own option, or that would run code a
+#: config (or a checkpoint, which records the teacher spec) names.
+RESERVED_KWARGS = {
+    "pretrained_model_name_or_path": "path",
+    "dtype": "dtype",
+    "torch_dtype": "dtype",
+    "device_map": "device",
+    "revision": "revision",
+}
+REFUSED_KWARGS = {
+    "trust_remote_code": (
+        "runs code downloaded with the model, and a kd.save checkpoint records the teacher spec "
+        "for kd.restore to replay; build such a teacher yourself and pass the module, or a "
+        "@kd.teacher_factory, as teacher_model"
+    ),
+}
+# A hub id: "name" or "owner/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_path(path: Any) -> Path | str:
+    """A local folder holding config.json, or a hub id (not looked up: that needs the network)."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ConfigTypeError(f"path must be a folder or a hub id (a string), got {path!r}")
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ConfigError(
+                f"path {str(path)!r} is a file; give the folder save_pretrained wrote"
+            )
+        if not (local / "config.json").is_file():
+            raise ConfigError(
+                f"path {str(path)!r} has no config.json: not a folder save_pretrained wrote"
+            )
+        return local
+    text = str(path)
+    looks_local = isinstance(path, Path) or text.startswith(("/", ".", "~")) or "\\" in text
+    if looks_local or not _HUB_ID.match(text):
+        raise ConfigError(f"path {text!r}: no such folder, and not a hub id ('owner/name')")
+    return text
+
+
+def _check_dtype(dtype: Any) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ConfigError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
+        return dtype
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        hint = did_you_mean(str(dtype).removeprefix("torch."), DTYPES) if dtype else ""
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+        if isinstance(dtype, str) and dtype in aliases:
+            hint = f"; did you mean {aliases[dtype]!r}?"
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}{hint}")
+    return DTYPES[dtype]
+
+
+def _check_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigTypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device {device!r} is not a torch device (such as 'cpu', 'cuda', 'cuda:1')"
+        ) from None
+
+
+def _check_auto_class(auto_class: Any) -> Any:
+    import transformers
+
+    names = [n for n in dir(transformers) if n.startswith("AutoModel")]
+    if not isinstance(auto_class, str) or auto_class not in names:
+        raise ConfigError(
+            f"auto_class {auto_class!r} is not a transformers AutoModel class"
+            f"{did_you_mean(str(auto_class), names)} (default: {DEFAULT_AUTO_CLASS!r})"
+        )
+    return getattr(transformers, auto_class)
+
+
+def _check_kwargs(from_pretrained_kwargs: Any) -> dict[str, Any]:
+    if from_pretrained_kwargs is None:
+        return {}
+    if not isinstance(from_pretrained_kwargs, Mapping):
+        raise ConfigTypeError(
+            "from_pretrained_kwargs must be a mapping of keyword arguments, got "
+            f"{type(from_pretrained_kwargs).__name__}"
+        )
+    for key in from_pretrained_kwargs:
+        if key in RESERVED_KWARGS:
+            raise ConfigError(
+                f"from_pretrained_kwargs[{key!r}]: use the loader's own "
+                f"{RESERVED_KWARGS[key]!r} key instead"
+            )
+        if key in REFUSED_KWARGS:
+            raise ConfigError(
+                f"from_pretrained_kwargs[{key!r}] is refused: it {REFUSED_KWARGS[key]}"
+            )
+    return dict(from_pretrained_kwargs)
+
+
+def _check_revision(revision: Any) -> None:
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise ConfigTypeError(
+            f"revision must be a branch, tag or commit (a string), got {revision!r}"
+        )
+
+
+def validate_transformers_teacher(
+    path: str,
+    dtype: str = "auto",
+    device: str | None = None,
+    auto_class: str = DEFAULT_AUTO_CLASS,
+    revision: str | None = None,
+    from_pretrained_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """Check the arguments of :func:`load_transformers_teacher` without loading anything."""
+    _check_path(path)
+    _check_dtype(dtype)
+    _check_device(device)
+    _check_auto_class(auto_class)
+    _check_revision(revision)
+    _check_kwargs(from_pretrained_kwargs)
+
+
+def load_transformers_teacher(
+    path: str,
+    dtype: str = "auto",
+    device: str | None = None,
+    auto_class: str = DEFAULT_AUTO_CLASS,
+    revision: str | None = None,
+    from_pretrained_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(path, ...)``, as a frozen-ready teacher.
+
+    :param path: a folder ``save_pretrained`` wrote (holding ``config.json``), or a hub id
+        (``"owner/name"``), which transformers downloads or takes from its cache.
+    :param dtype: ``"auto"`` (the checkpoint's own dtype), ``"float32"``, ``"float16"``,
+        ``"bfloat16"`` or ``"float64"``.
+    :param device: where the weights are loaded (``"cpu"``, ``"cuda:0"``...); ``None`` leaves
+        it to transformers (the CPU), and the Trainer moves the model later anyway.
+    :param auto_class: the ``transformers.AutoModel*`` class to load with.
+    :param revision: a branch, tag or commit of a hub repository.
+    :param from_pretrained_kwargs: further keyword arguments of ``from_pretrained``
+        (``attn_implementation``, ``local_files_only``...); ``trust_remote_code`` is refused.
+    """
+    source = _check_path(path)
+    torch_dtype = _check_dtype(dtype)
+    torch_device = _check_device(device)
+    cls = _check_auto_class(auto_class)
+    _check_revision(revision)
+    kwargs = _check_kwargs(from_pretrained_kwargs)
+    if torch_device is not None:
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine")
+        kwargs["device_map"] = torch_device
+    if revision is not None:
+        kwargs["revision"] = revision
+    try:
+        model = cls.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{auto_class}.from_pretrained({str(path)!r}) failed: {exc}") from exc
+    return model  # type: ignore[no-any-return]
+
+
+load_transformers_teacher.validate = validate_transformers_teacher  # type: ignore[attr-defined]

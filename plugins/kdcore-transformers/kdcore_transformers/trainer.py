@@ -1,0 +1,280 @@
+"""``KDTrainer``: a ``transformers.Trainer`` that distils the student it is given.
+
+The loss of one micro-batch ``m`` (of ``n_m`` counted tokens, in a step of ``N`` tokens over all
+gradient-accumulation micro-batches and, with ``average_tokens_across_devices``, all ranks) is
+
+    loss_m = total_m * n_m / N
+
+where ``total_m`` is what ``model.compute_kd_loss`` returns for the micro-batch: the KD loss, or
+the balancer's combination of the KD losses with the student's cross-entropy (a mean over the
+micro-batch's tokens). The logit divergences and the cross-entropy are token means, so the step
+backwards exactly their mean over the step's tokens, however the batch was split; a loss that
+is not per token (an MSE between hidden states, say) gets each micro-batch's value weighted by
+its share of the tokens. The balancer always sees per-micro-batch means, whatever the
+accumulation, so a balancer that compares magnitudes sees the same values either way.
+
+Tokens are counted after the causal shift (``causal_shift=True``): logit row ``i`` predicts
+``labels[i + 1]``, and a row whose label is ``-100`` is left out of every loss.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import transformers
+from kdcore_builtins import llm
+from torch import nn
+from transformers.trainer_utils import EvalLoopOutput
+
+import kdcore as kd
+from kdcore.checkpoint import CheckpointMismatchError
+from kdcore.errors import ConfigError, DistillationStateError
+from kdcore.model import (
+    BALANCER,
+    KD_CHILDREN,
+    LOSS_MODULES,
+    DistillationModel,
+    is_distillation_model,
+)
+
+#: Where checkpoints keep the loss modules' weights and balancer buffers (for resuming): not in
+#: the model's weights file, which holds the student alone.
+KD_STATE_FILE = "kdcore_distillation.safetensors"
+LABELS = "labels"
+
+
+class KDTrainer(transformers.Trainer):
+    """A ``Trainer`` that distils: give it the student and a ``kd_loss`` config.
+
+    ::
+
+        trainer = KDTrainer(
+            model=student,
+            args=TrainingArguments("out", max_steps=100),
+            kd_config={"teacher_model": {"name": "transformers", "path": "teacher/"},
+                       "criterion": {"name": "forward_kl"}},
+            train_dataset=train, eval_dataset=valid,
+        )
+        trainer.train()
+        trainer.export_student("student/")   # loads with AutoModelForCausalLM.from_pretrained
+
+    :param model: the student (a ``PreTrainedModel``), converted in place with
+        ``kd.convert(model, [("kd_loss", kd_config)])``; or a model ``kd.convert`` already made,
+        with ``kd_config=None``.
+    :param kd_config: the ``kd_loss`` config: a mapping or a ``kd.KDLossConfig`` (teacher,
+        criterion, balancer), as in ``kd.convert``.
+    :param causal_shift: compare logit row ``i`` with ``labels[i + 1]`` (causal LMs); ``False``
+        when labels are already aligned with the logits.
+
+    Every batch needs ``labels`` (input ids, ``-100`` where no loss counts). ``labels=`` reaches
+    the criteria whose ``forward`` takes it, shifted, so the logit divergences skip masked rows.
+    Evaluation reports ``eval_loss`` (the distillation loss training minimises, a mean over the
+    evaluation tokens) and ``eval_student_loss`` (the student's cross-entropy alone).
+    Checkpoints hold the student's weights only (``from_pretrained`` loads them), plus
+    ``kdcore_distillation.safetensors`` with the loss modules' weights, for resuming. Other
+    keyword arguments go to ``transformers.Trainer``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: transformers.TrainingArguments | None = None,
+        *,
+        kd_config: Mapping[str, Any] | kd.KDLossConfig | None = None,
+        causal_shift: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        for refused, why in (
+            ("model_init", "the student is converted once, so pass model="),
+            ("compute_loss_func", "KDTrainer computes the loss with model.compute_kd_loss"),
+        ):
+            if kwargs.get(refused) is not None:
+                raise ConfigError(f"KDTrainer does not take {refused}= ({why})")
+        if args is not None and args.label_smoothing_factor != 0:
+            raise ConfigError(
+                f"TrainingArguments.label_smoothing_factor={args.label_smoothing_factor!r}: "
+                "KDTrainer's student loss is the plain cross-entropy; distillation already "
+                "gives soft targets (set it to 0)"
+            )
+        if not isinstance(causal_shift, bool):
+            raise ConfigError(f"causal_shift must be True or False, got {causal_shift!r}")
+        if model is None:
+            raise ConfigError("KDTrainer needs model= (the student)")
+        if kd_config is not None:
+            model = kd.convert(model, [("kd_loss", kd_config)])
+        elif not is_distillation_model(model):
+            raise ConfigError(
+                f"KDTrainer got a plain {type(model).__name__} and no kd_config: pass "
+                "kd_config={'teacher_model': ..., 'criterion': ...}, or a model kd.convert made"
+            )
+        self.causal_shift = causal_shift
+        self._eval_totals: torch.Tensor | None = None
+        super().__init__(model=model, args=args, **kwargs)
+        # The loss is normalised by the step's token count here (see the module docstring),
+        # so the Trainer counts the tokens and does not divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+
+    # ----------------------------------------------------------------- the loss
+    def distillation_model(self) -> DistillationModel:
+        """The meta-model being trained (unwrapped from DDP and friends)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_distillation_model(model):
+            raise DistillationStateError(
+                f"the trainer's model is a plain {type(model).__name__}: export_student() gave the "
+                "student back, so there is nothing left to distil"
+            )
+        return model
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
+    ) -> tuple[list[Any], torch.Tensor | int | None]:
+        """The step's micro-batches and its token count, counted after the causal shift."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        labels = [batch[LABELS] for batch in batch_samples if LABELS in batch]
+        if not labels:
+            return batch_samples, None
+        count = llm.num_items_in_batch(labels, shift=self.causal_shift, all_reduce=False)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(torch.tensor([count], device=device)).sum()
+            count = int(total.item())
+        return batch_samples, count
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        meta = self.distillation_model()
+        inputs = dict(inputs)
+        labels = inputs.pop(LABELS, None)
+        if labels is None:
+            raise DistillationStateError(
+                f"KDTrainer: the batch has no {LABELS!r} (it has "
+                f"{', '.join(inputs) or 'nothing'}); use a collator that adds them, e.g. "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False)"
+            )
+        outputs = model(**inputs)  # the teacher, then the student; captures the paired layers
+        kd_labels = llm.shift_labels(labels) if self.causal_shift else labels
+        tokens = llm.count_tokens(kd_labels)
+        student_loss = _cross_entropy_sum(outputs, kd_labels) / max(tokens, 1)
+        loss_kwargs: dict[str, Any] = {LABELS: kd_labels} if meta.accepts_loss_kwarg(LABELS) else {}
+        with_student = meta.loss_balancer is not None
+        loss = meta.compute_kd_loss(
+            student_loss=student_loss if with_student else None, **loss_kwargs
+        )
+        assert isinstance(loss, torch.Tensor)  # not a dict: skip_balancer is False
+        if model.training and num_items_in_batch is not None:
+            step_tokens = (
+                num_items_in_batch.item()
+                if isinstance(num_items_in_batch, torch.Tensor)
+                else num_items_in_batch
+            )
+            loss = loss * (tokens / max(step_tokens, 1))
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over the ranks
+        elif not model.training and self._eval_totals is not None:
+            self._eval_totals += torch.stack(
+                [loss.detach() * tokens, student_loss.detach() * tokens, torch.tensor(tokens)]
+            ).to(self._eval_totals)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The Trainer's loop, with ``<prefix>_loss`` and ``<prefix>_student_loss`` as means
+        over the evaluation tokens (the Trainer would average per-batch means)."""
+        self._eval_totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            totals = self.accelerator.reduce(self._eval_totals, reduction="sum")
+        finally:
+            self._eval_totals = None
+        kd_sum, student_sum, tokens = totals.tolist()
+        if tokens > 0 and output.metrics is not None:
+            output.metrics[f"{metric_key_prefix}_loss"] = kd_sum / tokens
+            output.metrics[f"{metric_key_prefix}_student_loss"] = student_sum / tokens
+        return output
+
+    # ----------------------------------------------------------------- saving
+    def _save(
+        self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
+    ) -> None:
+        # Every save (checkpoints, save_model) writes the student's weights alone, so that
+        # from_pretrained loads any checkpoint folder; the loss modules go to their own file.
+        model = self.accelerator.unwrap_model(self.model)
+        if is_distillation_model(model):
+            if state_dict is None:
+                state_dict = model.state_dict()
+            kd_prefixes = tuple(f"{name}." for name in KD_CHILDREN)
+            kd_state = {
+                key: value.detach().contiguous().cpu()
+                for key, value in state_dict.items()
+                if key.startswith((f"{LOSS_MODULES}.", f"{BALANCER}."))
+            }
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(kd_prefixes)}
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            if kd_state and self.args.should_save and folder is not None:
+                os.makedirs(folder, exist_ok=True)
+                safetensors.torch.save_file(kd_state, os.path.join(folder, KD_STATE_FILE))
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        path = os.path.join(resume_from_checkpoint, KD_STATE_FILE)
+        meta = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not is_distillation_model(meta) or not os.path.isfile(path):
+            return
+        tensors = safetensors.torch.load_file(path)
+        for prefix, module in ((LOSS_MODULES, meta.loss_modules), (BALANCER, meta.loss_balancer)):
+            if module is None:
+                continue
+            part = {
+                key.removeprefix(f"{prefix}."): value
+                for key, value in tensors.items()
+                if key.startswith(f"{prefix}.")
+            }
+            try:
+                module.load_state_dict(part)
+            except RuntimeError as exc:
+                raise CheckpointMismatchError(
+                    path, f"does not fit the {prefix} of this kd_config: {exc}"
+                ) from None
+
+    def export_student(self, output_dir: str | None = None) -> nn.Module:
+        """Give the student back (``kd.export``: teacher, losses and hooks gone) and, with
+        ``output_dir``, save it with ``save_pretrained`` (and the processing class, if any).
+
+        The trainer then holds the plain student: evaluate or save it, but distil no more.
+        """
+        student: nn.Module = kd.export(self.distillation_model())
+        self.model = self.model_wrapped = student
+        if output_dir is not None:
+            self.save_model(output_dir)
+        return student
+
+
+def _cross_entropy_sum(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The student's cross-entropy summed over the rows whose label is not -100."""
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    return F.cross_entropy(
+        logits.flatten(0, -2).float(),
+        labels.flatten().to(logits.device),
+        ignore_index=llm.IGNORE_INDEX,
+        reduction="sum",
+    )
