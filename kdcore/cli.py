@@ -321,8 +321,12 @@ def _add_distill_command(subparsers: Any) -> None:
             "Train a student distilled from a teacher. CONFIG (TOML, JSON or YAML) holds the "
             "mode tables (as for 'kdcore check') and a [train] table: student and data "
             "factories ('module:callable'), optimizer, learning_rate, epochs or steps, "
-            "batch_size, device, precision, grad_accumulation, output, checkpoint_every, "
-            "log_every, seed. Without CONFIG, run the embedded demo (no download)."
+            "batch_size (the global batch), device, precision, grad_accumulation, output, "
+            "checkpoint_every, log_every, eval_every, seed, strategy. Writes checkpoints, "
+            "metrics.jsonl, the exported student and metrics.png (with matplotlib) to output. "
+            "Under 'torchrun --nproc_per_node=N -m kdcore distill CONFIG' it trains "
+            "data-parallel (strategy ddp or fsdp2). Without CONFIG, run the embedded demo "
+            "(no download)."
         ),
     )
     parser.add_argument("config", nargs="?", help="the job file (.toml, .json, .yaml)")
@@ -356,34 +360,11 @@ def _run_distill(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     modes, config = load_job(args.config)  # everything checked before anything is built
     try:
-        result = train(modes, config, resume=args.resume)
+        train(modes, config, resume=args.resume)  # progress, summary and plot: rank 0 only
     except KeyboardInterrupt:
         print(f"{PROG} distill: interrupted", file=sys.stderr)
         return 130
-    _loss_plot(result.losses, config.output)
     return 0
-
-
-def _loss_plot(losses: list[float], output: str) -> None:
-    """Save ``<output>/loss.png`` when matplotlib is installed; else say so in one line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(no loss plot: matplotlib is not installed)")
-        return
-    from pathlib import Path
-
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(range(1, len(losses) + 1), losses)
-    axes.set_xlabel("step (this run)")
-    axes.set_ylabel("total loss")
-    path = Path(output) / "loss.png"
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    print(f"loss plot saved to {path}")
 
 
 COMMANDS: list[Callable[[Any], None]] = [

@@ -94,7 +94,7 @@ def test_config_job_runs_checkpoints_and_exports(
     out = capsys.readouterr().out
     assert "step 2/6  loss " in out and "student_loss" in out and "examples/s" in out
     assert "validation accuracy" in out
-    assert "(no loss plot: matplotlib is not installed)" in out or "loss plot saved" in out
+    assert "(no plot: matplotlib is not installed" in out or "plot of losses" in out
     folder = tmp_path / "job-out"
     assert (folder / "step-3.safetensors").exists() and (folder / "step-6.json").exists()
     state = json.loads((folder / "step-6.json").read_text())

@@ -14,8 +14,10 @@ A job file holds the mode tables that :func:`kdcore.load_config` reads, plus ``[
     grad_accumulation = 1
     output = "runs/distill"
     checkpoint_every = 200                   # steps; 0: only at the end
-    log_every = 50
+    log_every = 50                           # progress lines when stdout is not a terminal
+    eval_every = 100                         # validation accuracy every N steps; 0: at the end
     seed = 0
+    strategy = "ddp"                         # under torchrun: ddp | fsdp2
 
     [kd_loss]
     teacher_model = { name = "callable", target = "mypkg.models:build_teacher" }
@@ -35,6 +37,8 @@ from kdcore.errors import ConfigError, KDCoreError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp2")
+EVALUATIONS = 10  # validation points over a run when eval_every is not given
 TRAIN_TABLE = "train"
 
 
@@ -55,7 +59,13 @@ class TrainConfig:
     output: str = "kdcore-run"
     checkpoint_every: int = 0
     log_every: int = 10
+    #: Steps between validation evaluations (a point of the plot); 0: only at the end; None:
+    #: about ten over the run.
+    eval_every: int | None = None
     seed: int = 0
+    #: How a job launched by torchrun shares the work: "ddp" (replicas) or "fsdp2" (sharded
+    #: student and teacher). Ignored in a single process.
+    strategy: str = "ddp"
 
 
 def structure_train(data: Any, *, path: str = TRAIN_TABLE) -> TrainConfig:
@@ -70,17 +80,32 @@ def structure_train(data: Any, *, path: str = TRAIN_TABLE) -> TrainConfig:
 def check_train(config: TrainConfig, *, path: str = TRAIN_TABLE) -> None:
     """The value checks the types alone do not make."""
     if config.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"expected one of {', '.join(OPTIMIZERS)}", path=f"{path}.optimizer")
+        raise ConfigError(
+            f"expected one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}",
+            path=f"{path}.optimizer",
+        )
     if config.precision not in PRECISIONS:
-        raise ConfigError(f"expected one of {', '.join(PRECISIONS)}", path=f"{path}.precision")
+        raise ConfigError(
+            f"expected one of {', '.join(PRECISIONS)}, got {config.precision!r}",
+            path=f"{path}.precision",
+        )
+    if config.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"expected one of {', '.join(STRATEGIES)}, got {config.strategy!r}",
+            path=f"{path}.strategy",
+        )
     if config.epochs is not None and config.steps is not None:
         raise ConfigError("give epochs or steps, not both", path=f"{path}.steps")
     for name in ("epochs", "steps", "batch_size", "grad_accumulation", "log_every"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"must be at least 1, got {value}", path=f"{path}.{name}")
-    if config.checkpoint_every < 0:
-        raise ConfigError("must be 0 (only at the end) or more", path=f"{path}.checkpoint_every")
+    for name in ("checkpoint_every", "eval_every"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ConfigError(
+                f"must be 0 (only at the end) or more, got {value}", path=f"{path}.{name}"
+            )
     if not config.learning_rate > 0:
         raise ConfigError("must be positive", path=f"{path}.learning_rate")
     for name in ("student", "data"):

@@ -9,8 +9,11 @@ example, which the student loss skips and the distillation losses still use. For
 ``seed + epoch``, so that ``--resume`` continues exactly; a loader given as it is must be
 deterministic per epoch for that to hold.
 
-A checkpoint is ``<output>/step-<N>.safetensors`` (``kd.save`` with the optimizer) plus
-``step-<N>.json`` next to it: the step counter and the CPU RNG state, as plain JSON.
+A checkpoint is ``<output>/step-<N>.safetensors`` (``kd.save`` with the optimizer; under
+FSDP2 a ``step-<N>`` torch-dcp folder) plus ``step-<N>.json`` next to it: the step counter and
+the CPU RNG state, as plain JSON. Every step's losses and every validation accuracy go to
+``<output>/metrics.jsonl`` (:mod:`kdcore.training.metrics`), drawn into ``metrics.png`` at the
+end when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import attrs
 import torch
@@ -31,23 +34,48 @@ from torch import nn
 
 from kdcore.errors import ConfigError, ConfigTypeError
 from kdcore.model import is_distillation_model
-from kdcore.training.config import TrainConfig
+from kdcore.training.config import EVALUATIONS, TrainConfig
+from kdcore.training.distributed import (
+    Launch,
+    all_reduce_sum,
+    barrier,
+    device_of,
+    full_state,
+    launch,
+    no_gradient_sync,
+    shard,
+    shard_fsdp2,
+    wrap,
+)
+from kdcore.training.metrics import (
+    METRICS_NAME,
+    PLOT_NAME,
+    VALIDATION_KEY,
+    MetricsFile,
+    plot_metrics,
+)
+from kdcore.training.progress import Progress, summary
 
 IGNORE_LABEL = -1
 
 
 @attrs.define
 class TrainResult:
-    """What :func:`train` returns."""
+    """What :func:`train` returns (on every rank of a distributed job)."""
 
     model: nn.Module  # the trained model (a distillation model when there were modes)
-    student: nn.Module  # the exported student
+    student: nn.Module  # the exported student (whole, also after FSDP2)
     steps: int
-    losses: list[float]  # the total loss of every optimizer step of this run
-    validation_accuracy: float | None
+    losses: list[float]  # the total loss of every optimizer step of this run (global batch)
+    validation_accuracy: float | None  # at the last step
     seconds: float
     checkpoint: Path | None
     student_path: Path | None
+    validation: list[tuple[int, float]] = attrs.Factory(list)  # (step, accuracy) of this run
+    metrics: Path | None = None  # <output>/metrics.jsonl
+    plot: Path | None = None  # <output>/metrics.png, when matplotlib is installed
+    rank: int = 0
+    world_size: int = 1
 
 
 def state_path(checkpoint: Path) -> Path:
@@ -64,22 +92,51 @@ def train(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     log: Callable[[str], None] | None = print,
     save: bool = True,
+    stream: TextIO | None = None,
 ) -> TrainResult:
     """Train ``student()`` distilled with ``modes`` (plain supervised training when empty).
 
     ``student`` and ``data`` default to resolving ``config.student`` and ``config.data``.
     ``on_step(step, losses)`` runs after each optimizer step. Ctrl-C (``KeyboardInterrupt``)
-    saves a checkpoint of the last finished step, then propagates.
+    saves a checkpoint of the last finished step, then propagates. With ``save``, writes
+    ``<output>/metrics.jsonl``, checkpoints, the exported student and the plot.
+
+    Progress goes to ``log``; when ``log`` is ``print`` and ``stream`` (default stdout) is a
+    terminal, as a bar redrawn in place. Under torchrun (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
+    set) the job runs data-parallel as ``config.strategy`` says (see
+    :mod:`kdcore.training.distributed`); only rank 0 logs and writes single-writer files.
     """
+    with launch(config.strategy, config.device) as job:
+        return _train(job, modes, config, student, data, resume, on_step, log, save, stream)
+
+
+def _train(
+    job: Launch,
+    modes: list[tuple[str, Any]],
+    config: TrainConfig,
+    student: Callable[[], nn.Module] | None,
+    data: Callable[[], Any] | None,
+    resume: str | Path | None,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+    log: Callable[[str], None] | None,
+    save: bool,
+    stream: TextIO | None,
+) -> TrainResult:
     import kdcore as kd
     from kdcore.references import resolve
 
-    say = log or (lambda _line: None)
+    def quiet(_line: str) -> None:
+        pass
+
+    say = log if log is not None and job.main else quiet
     start = time.perf_counter()
     make_student = student or resolve(config.student, what="student factory")
     make_data = data or resolve(config.data, what="data factory")
-    device = torch.device(config.device)
+    device = device_of(config.device, job)
     output = Path(config.output)
+    fsdp = job.strategy == "fsdp2"
+    if fsdp and save and job.world_size > 1:
+        _require_numpy_for_dcp()
 
     torch.manual_seed(config.seed)
     built = make_student()
@@ -93,7 +150,11 @@ def train(
         warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
         model = kd.convert(built, modes) if modes else built
     model.to(device)
+    if fsdp:  # before the optimizer: its parameters become the shards
+        shard_fsdp2(model, job, device)
     optimizer = _optimizer(config, model.parameters())
+    if job.distributed:
+        say(f"{job.world_size} processes, {job.strategy}, global batch {config.batch_size}")
 
     step = 0
     if resume is not None:
@@ -105,77 +166,166 @@ def train(
         step = int(saved["step"])
         torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
         say(f"resumed from {resume} at step {step}")
+    forward = model if fsdp else wrap(model, job, device)  # DDP around the model
 
     batches_per_epoch = _batches_per_epoch(train_data, config.batch_size)
     if config.steps is not None:
         total = config.steps
     else:
         total = max(1, (config.epochs or 1) * batches_per_epoch // config.grad_accumulation)
+    eval_every = config.eval_every
+    if eval_every is None:
+        eval_every = max(1, total // EVALUATIONS)
     micro = step * config.grad_accumulation
     batches = _batches(train_data, config, micro, batches_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    distilling = bool(modes)
 
+    metrics = None
+    if save and job.main:
+        metrics = MetricsFile(output / METRICS_NAME, resume_at=step if resume else None)
+    progress = Progress(
+        total=total,
+        start=step,
+        every=config.log_every,
+        say=say,
+        stream=stream,
+        tty=None if log is print and job.main else False,
+    )
     losses: list[float] = []
+    points: list[tuple[int, float]] = []
+    first: dict[str, float] | None = None
+    parts: dict[str, float] | None = None
     checkpoint: Path | None = None
+    checkpoint_step = -1
     rng = torch.get_rng_state()  # as of the last finished step: what a checkpoint stores
-    window_start, window_examples = time.perf_counter(), 0
     try:
         while step < total:
-            model.train()
+            forward.train()
             optimizer.zero_grad()
-            parts: dict[str, float] = {}
-            for _ in range(config.grad_accumulation):
+            sums: dict[str, float] = {}
+            examples = 0
+            for index in range(config.grad_accumulation):
                 x, y = next(batches)
+                examples += len(x)
+                x, y, weight = shard((x, y), job)
                 x, y = x.to(device), y.to(device)
-                with autocast:
-                    terms = _loss_terms(model, x, y, distilling=bool(modes))
-                total_loss = _combine(model, terms, distilling=bool(modes))
-                (total_loss / config.grad_accumulation).backward()
-                window_examples += len(x)
+                with no_gradient_sync(forward, last=index == config.grad_accumulation - 1):
+                    with autocast:
+                        terms = _loss_terms(forward, model, x, y, distilling=distilling)
+                    total_loss = _combine(model, terms, distilling=distilling)
+                    (total_loss * weight / config.grad_accumulation).backward()
+                # Each rank's mean, weighted by its share of the batch: summed over ranks, the
+                # mean over the global batch.
+                share = weight / job.world_size / config.grad_accumulation
                 for key, value in [("loss", total_loss), *terms.items()]:
-                    parts[key] = (
-                        parts.get(key, 0.0) + float(value.detach()) / config.grad_accumulation
-                    )
+                    sums[key] = sums.get(key, 0.0) + float(value.detach()) * share
             optimizer.step()
             step += 1
             rng = torch.get_rng_state()
+            parts = dict(zip(sums, all_reduce_sum(list(sums.values()), job), strict=True))
+            first = first or parts
             losses.append(parts["loss"])
+            if metrics is not None:
+                metrics.write({"step": step, **parts, "examples": examples})
             if on_step is not None:
                 on_step(step, parts)
-            if step % config.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - window_start
-                rate = window_examples / elapsed if elapsed > 0 else float("inf")
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                say(f"step {step}/{total}  {shown}  {rate:,.0f} examples/s")
-                window_start, window_examples = time.perf_counter(), 0
+            progress.update(step, parts, examples=examples)
+            due = step == total or (eval_every and step % eval_every == 0)
+            if validation is not None and due:
+                points.append(_validate(model, validation, config, device, step, metrics))
             if save and config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoint = _checkpoint(model, optimizer, output, step, rng, say)
+                checkpoint = _checkpoint(model, optimizer, output, step, rng, job, progress.note)
+                checkpoint_step = step
     except KeyboardInterrupt:
-        if save:  # the last finished step: a half-accumulated step is dropped
-            _checkpoint(model, optimizer, output, step, rng, say, interrupted=True)
+        progress.close()
+        # The last finished step (a half-accumulated step is dropped). FSDP2's save is
+        # collective and the other ranks may be gone: only DDP and one process save here.
+        if save and not fsdp:
+            _checkpoint(model, optimizer, output, step, rng, job, say, interrupted=True)
         raise
 
-    if save and (checkpoint is None or not checkpoint.name.startswith(f"step-{step}.")):
-        checkpoint = _checkpoint(model, optimizer, output, step, rng, say)
-    accuracy = evaluate(model, validation, config) if validation is not None else None
-    exported = kd.export(model) if modes else model
-    student_path = None
-    if save:
+    if save and checkpoint_step != step:
+        checkpoint = _checkpoint(model, optimizer, output, step, rng, job, progress.note)
+    if validation is not None and (not points or points[-1][0] != step):
+        points.append(_validate(model, validation, config, device, step, metrics))
+    progress.close()
+    exported = _export(model, make_student, job) if fsdp else kd.export(model) if modes else model
+    student_path = plot = None
+    if save and job.main:
         student_path = kd.save(exported, output / "student.safetensors")
         say(f"exported student saved to {student_path}")
     seconds = time.perf_counter() - start
-    shown = f"{accuracy:.4f}" if accuracy is not None else "n/a"
-    say(
-        f"done: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}, "
-        f"validation accuracy {shown}, {seconds:.1f} s"
+    for line in summary(
+        steps=step,
+        seconds=seconds,
+        examples_per_second=progress.rate(),
+        first=first,
+        last=parts,
+        validation=points,
+    ):
+        say(line)
+    if metrics is not None:
+        plot = plot_metrics(metrics.path, output / PLOT_NAME)
+        if plot is None:
+            say("(no plot: matplotlib is not installed; pip install 'kdcore[plot]')")
+        else:
+            say(f"plot of losses and validation accuracy saved to {plot}")
+    barrier(job)
+    return TrainResult(
+        model,
+        exported,
+        step,
+        losses,
+        points[-1][1] if points else None,
+        seconds,
+        checkpoint,
+        student_path,
+        validation=points,
+        metrics=metrics.path if metrics is not None else None,
+        plot=plot,
+        rank=job.rank,
+        world_size=job.world_size,
     )
-    return TrainResult(model, exported, step, losses, accuracy, seconds, checkpoint, student_path)
+
+
+def _require_numpy_for_dcp() -> None:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "'fsdp2' checkpoints through torch.distributed.checkpoint, whose multi-process save "
+            'needs NumPy, which is not installed: pip install numpy (or use strategy = "ddp")',
+            path="train.strategy",
+        ) from None
+
+
+def _validate(
+    model: nn.Module,
+    validation: Any,
+    config: TrainConfig,
+    device: torch.device,
+    step: int,
+    metrics: MetricsFile | None,
+) -> tuple[int, float]:
+    accuracy = evaluate(model, validation, config, device=device)
+    if metrics is not None:
+        metrics.write({"step": step, VALIDATION_KEY: accuracy})
+    return step, accuracy
+
+
+def _export(model: nn.Module, make_student: Callable[[], nn.Module], job: Launch) -> nn.Module:
+    """The student of an FSDP2-sharded model, whole, as a fresh instance of its class."""
+    state = full_state(model)  # collective: every rank gathers
+    student = make_student()
+    student.load_state_dict({name: state[name] for name in student.state_dict()})
+    return student
 
 
 def _loss_terms(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, distilling: bool
+    forward: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, distilling: bool
 ) -> dict[str, torch.Tensor]:
-    output = model(x)
+    output = forward(x)  # through DDP when distributed; the loss from the model inside
     labelled = y != IGNORE_LABEL
     if bool(labelled.any()):
         student_loss = F.cross_entropy(output[labelled].float(), y[labelled])
@@ -204,18 +354,29 @@ def _checkpoint(
     output: Path,
     step: int,
     rng: torch.Tensor,
+    job: Launch,
     say: Callable[[str], None],
     *,
     interrupted: bool = False,
 ) -> Path:
+    """``step-<N>.safetensors`` written by rank 0 (one process, DDP), or the ``step-<N>``
+    torch-dcp folder every rank writes its shards into (FSDP2); then ``step-<N>.json``."""
     import kdcore as kd
 
-    output.mkdir(parents=True, exist_ok=True)
-    path = kd.save(model, output / f"step-{step}.safetensors", optimizer=optimizer)
-    state = {"step": step, "rng": rng.tolist()}
-    state_path(path).write_text(json.dumps(state), encoding="utf-8")
-    why = "interrupted; " if interrupted else ""
-    say(f"{why}checkpoint saved to {path} (resume with --resume {path})")
+    if job.strategy == "fsdp2":
+        path = kd.save(model, output / f"step-{step}", optimizer=optimizer, backend="torch-dcp")
+    else:
+        path = output / f"step-{step}.safetensors"
+        if job.main:
+            output.mkdir(parents=True, exist_ok=True)
+            kd.save(model, path, optimizer=optimizer)
+    if job.main:
+        state = {"step": step, "rng": rng.tolist(), "world_size": job.world_size}
+        state_path(path).write_text(json.dumps(state), encoding="utf-8")
+        why = "interrupted; " if interrupted else ""
+        say(f"{why}checkpoint saved to {path} (resume with --resume {path})")
+    if not interrupted:  # the other ranks wait, so that nobody reads a half-written one
+        barrier(job)
     return path
 
 
@@ -281,9 +442,11 @@ def _batches(
         epoch, skip = epoch + 1, 0
 
 
-def evaluate(model: nn.Module, data: Any, config: TrainConfig) -> float:
+def evaluate(
+    model: nn.Module, data: Any, config: TrainConfig, *, device: torch.device | None = None
+) -> float:
     """Top-1 accuracy of ``model`` (the student alone) over the labelled examples of ``data``."""
-    device = torch.device(config.device)
+    device = device or torch.device(config.device)
     model.eval()
     correct = seen = 0
     only_student = (
