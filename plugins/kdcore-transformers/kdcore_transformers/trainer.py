@@ -180,9 +180,10 @@ class KDTrainer(transformers.Trainer):
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients over the ranks
         elif not model.training and self._eval_totals is not None:
-            self._eval_totals += torch.stack(
-                [loss.detach() * tokens, student_loss.detach() * tokens, torch.tensor(tokens)]
-            ).to(self._eval_totals)
+            totals = self._eval_totals
+            totals[0] += loss.detach().to(totals) * tokens
+            totals[1] += student_loss.detach().to(totals) * tokens
+            totals[2] += tokens
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(
@@ -195,7 +196,9 @@ class KDTrainer(transformers.Trainer):
     ) -> EvalLoopOutput:
         """The Trainer's loop, with ``<prefix>_loss`` and ``<prefix>_student_loss`` as means
         over the evaluation tokens (the Trainer would average per-batch means)."""
-        self._eval_totals = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        device = self.args.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        self._eval_totals = torch.zeros(3, dtype=dtype, device=device)
         try:
             output = super().evaluation_loop(
                 dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
