@@ -160,13 +160,3 @@ def barrier(job: Launch) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of ``model``'s state as a whole tensor on every rank (FSDP2's DTensors
-    all-gathered: collective, so every rank calls it)."""
-    state = {}
-    for name, tensor in nn.Module.state_dict(model).items():
-        full = getattr(tensor, "full_tensor", None)
-        state[name] = (full() if full is not None else tensor).detach().cpu()
-    return state

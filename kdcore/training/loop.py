@@ -40,7 +40,6 @@ from kdcore.training.distributed import (
     all_reduce_sum,
     barrier,
     device_of,
-    full_state,
     launch,
     no_gradient_sync,
     shard,
@@ -250,7 +249,8 @@ def _train(
     if validation is not None and (not points or points[-1][0] != step):
         points.append(_validate(model, validation, config, device, step, metrics))
     progress.close()
-    exported = _export(model, make_student, job) if fsdp else kd.export(model) if modes else model
+    # Whole again after FSDP2 (a collective gather: every rank exports).
+    exported = kd.export(model) if modes else _gather_fsdp2_student(model)
     student_path = plot = None
     if save and job.main:
         student_path = kd.save(exported, output / "student.safetensors")
@@ -314,12 +314,11 @@ def _validate(
     return step, accuracy
 
 
-def _export(model: nn.Module, make_student: Callable[[], nn.Module], job: Launch) -> nn.Module:
-    """The student of an FSDP2-sharded model, whole, as a fresh instance of its class."""
-    state = full_state(model)  # collective: every rank gathers
-    student = make_student()
-    student.load_state_dict({name: state[name] for name in student.state_dict()})
-    return student
+def _gather_fsdp2_student(model: nn.Module) -> nn.Module:
+    from kdcore.modes import _gather_fsdp2
+
+    _gather_fsdp2(list(model.modules()))
+    return model
 
 
 def _loss_terms(
