@@ -101,6 +101,11 @@ def hand_cross_entropy_sum(student: Any, batch: list[dict[str, torch.Tensor]]) -
     return -log_p[keep].gather(-1, targets[keep][:, None]).sum()
 
 
+def safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as file:
+        return json.loads(file.read(int.from_bytes(file.read(8), "little")))  # type: ignore[no-any-return]
+
+
 # ====================================================================== the plugin
 def test_the_transformers_loader_is_registered_by_the_installed_distribution() -> None:
     host = kd.PluginHost(blocked=())
@@ -147,6 +152,20 @@ def test_the_loader_keeps_the_saved_dtype_by_default(tmp_path: Path) -> None:
     tiny_llama().to(torch.float16).save_pretrained(tmp_path / "teacher")
     teacher = kd.registries().teacher_loaders.get("transformers")(path=str(tmp_path / "teacher"))
     assert next(teacher.parameters()).dtype == torch.float16
+
+
+def test_kd_restore_rebuilds_the_teacher_from_the_recorded_loader_spec(tmp_path: Path) -> None:
+    tiny_llama(hidden=64, seed=1).save_pretrained(tmp_path / "teacher")
+    spec = {"name": "transformers", "path": str(tmp_path / "teacher"), "dtype": "bfloat16"}
+    config = {"teacher_model": spec, "criterion": {"name": "forward_kl"}}
+    model = kd.convert(tiny_llama(), [("kd_loss", config)])
+    kd.save(model, tmp_path / "run.safetensors")  # records the spec, not the teacher's weights
+    assert not any("teacher" in key for key in safetensors_header(tmp_path / "run.safetensors"))
+    restored = kd.restore(tiny_llama(seed=2), tmp_path / "run.safetensors")
+    teacher = restored.teacher_model
+    assert type(teacher) is transformers.LlamaForCausalLM and teacher.dtype == torch.bfloat16
+    assert torch.equal(teacher.lm_head.weight, model.teacher_model.lm_head.weight)
+    assert torch.equal(restored.lm_head.weight, model.lm_head.weight)
 
 
 @pytest.mark.parametrize(
@@ -315,8 +334,7 @@ def test_checkpoints_hold_the_student_alone_and_the_exported_student_reloads(
     trainer.train()
 
     checkpoint = tmp_path / "run" / "checkpoint-1"
-    with open(checkpoint / "model.safetensors", "rb") as file:
-        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    header = safetensors_header(checkpoint / "model.safetensors")
     assert set(header) - {"__metadata__"} == student_keys  # no teacher, no loss modules
     kd_state = kd_state_of(checkpoint)
     assert set(kd_state) == {"_loss_modules.1.projection.weight", "_loss_modules.1.projection.bias"}
