@@ -219,3 +219,134 @@ def test_json_job_and_the_data_contract(tmp_path: Path) -> None:
     assert config.data == "tests.test_distill:bad_data" and modes[0][0] == "kd_loss"
     with pytest.raises(kd.ConfigTypeError, match=r"train\.data: must return \(train, validation\)"):
         train(modes, config, log=None)
+
+
+# ---------------------------------------------------------------- progress, metrics, plot
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_on_a_terminal_redraws_one_line_in_place() -> None:
+    import io
+
+    from kdcore.training.progress import Progress
+
+    screen, clock, said = io.StringIO(), FakeClock(), []
+    progress = Progress(
+        total=4, start=0, every=1, say=said.append, stream=screen, tty=True, clock=clock
+    )
+    for step in range(1, 5):
+        clock.now += 0.5
+        progress.update(step, {"loss": 1.0 / step}, examples=10)
+        if step == 2:
+            progress.note("checkpoint saved")
+    progress.close()
+    text = screen.getvalue()
+    assert said == []  # everything went to the terminal
+    assert text.count("\n") == 2  # after the note, and at the close
+    assert "\rstep 1/4 [####------------]  loss 1.0000  20 examples/s  ETA 0:00:02" in text
+    assert "\rcheckpoint saved" in text and "\rstep 4/4 [################]" in text
+
+
+def test_progress_elsewhere_prints_every_n_steps_and_the_last() -> None:
+    import io
+
+    from kdcore.training.progress import Progress
+
+    screen, clock, said = io.StringIO(), FakeClock(), []
+    progress = Progress(
+        total=5, start=0, every=2, say=said.append, stream=screen, tty=False, clock=clock
+    )
+    for step in range(1, 6):
+        clock.now += 1.0
+        progress.update(step, {"loss": 0.5, "student_loss": 0.25}, examples=4)
+    assert screen.getvalue() == ""
+    assert said == [
+        "step 2/5  loss 0.5000  student_loss 0.2500  4 examples/s  ETA 0:00:03",
+        "step 4/5  loss 0.5000  student_loss 0.2500  4 examples/s  ETA 0:00:01",
+        "step 5/5  loss 0.5000  student_loss 0.2500  4 examples/s  ETA 0:00:00",
+    ]
+
+
+def test_metrics_file_holds_every_step_and_each_evaluation(tmp_path: Path) -> None:
+    from kdcore.training.metrics import read_metrics
+
+    modes, config = load_job(write_job(tmp_path, steps=6, every=0))
+    config = attrs.evolve(config, eval_every=4)
+    result = train(modes, config, log=None)
+    records = read_metrics(tmp_path / "job-out" / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in steps] == result.losses
+    assert set(steps[0]) == {"step", "loss", "student_loss", "LogitsDistillationLoss_0", "examples"}
+    assert [(r["step"], r["validation_accuracy"]) for r in records if "loss" not in r] == [
+        (4, result.validation[0][1]),
+        (6, result.validation_accuracy),
+    ]
+
+
+def test_a_resumed_run_keeps_the_history_up_to_its_step(tmp_path: Path) -> None:
+    from kdcore.training.metrics import read_metrics
+
+    modes, config = load_job(write_job(tmp_path, steps=6, every=3))
+    straight = train(modes, config, log=None)
+    metrics = tmp_path / "job-out" / "metrics.jsonl"
+    before = read_metrics(metrics)
+    train(modes, config, resume=tmp_path / "job-out" / "step-3.safetensors", log=None)
+    after = read_metrics(metrics)
+    assert [r["step"] for r in after if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in after if "loss" in r] == straight.losses
+    assert len(after) == len(before)
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    modes, config = load_job(write_job(tmp_path, steps=2, every=0))
+    said: list[str] = []
+    result = train(modes, config, log=said.append)
+    assert result.plot is None and not (tmp_path / "job-out" / "metrics.png").exists()
+    assert said[-1] == "(no plot: matplotlib is not installed; pip install 'kdcore[plot]')"
+
+
+def test_with_matplotlib_the_losses_and_accuracy_are_plotted(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    modes, config = load_job(write_job(tmp_path, steps=4, every=0))
+    result = train(modes, config, log=None)
+    assert result.plot == tmp_path / "job-out" / "metrics.png"
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_names_each_loss_and_the_best_accuracy() -> None:
+    from kdcore.training.progress import summary
+
+    lines = summary(
+        steps=10,
+        seconds=75.0,
+        examples_per_second=1234.0,
+        first={"loss": 2.0, "student_loss": 1.5},
+        last={"loss": 0.5, "student_loss": 0.25},
+        validation=[(5, 0.8), (10, 0.75)],
+    )
+    assert lines == [
+        "done: 10 steps in 0:01:15 (75.0 s), 1,234 examples/s",
+        "  loss          2.0000 -> 0.5000",
+        "  student_loss  1.5000 -> 0.2500",
+        "  validation accuracy 0.7500 at step 10 (best 0.8000 at step 5)",
+    ]
+
+
+def test_eval_every_below_zero_names_its_path(tmp_path: Path) -> None:
+    job = write_job(tmp_path)
+    job.write_text(job.read_text().replace("seed = 3", "seed = 3\neval_every = -1"))
+    with pytest.raises(
+        kd.ConfigError, match=r"train\.eval_every: must be 0 \(only at the end\) or more, got -1"
+    ):
+        load_job(job)
