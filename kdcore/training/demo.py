@@ -91,6 +91,7 @@ def run_demo(
                 steps=steps,
                 batch_size=64,
                 log_every=10**9,
+                eval_every=0,  # the table evaluates once, at the end
                 output=str(folder / name),
                 seed=seed,
             )
