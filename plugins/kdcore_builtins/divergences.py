@@ -7,7 +7,7 @@ token of a language model, one sample of a classifier) and multiplies by ``T**2`
 
 Memory. The plain PyTorch formula (``F.kl_div(F.log_softmax(s / T), F.softmax(t / T))``) keeps
 several ``[N, V]`` float32 temporaries alive for backward, and backward makes several more. Here
-a custom autograd function walks the rows in chunks of about four million logits (16 MiB in
+a custom autograd function walks the rows in chunks of about two million logits (8 MiB in
 float32; ``CHUNK_ELEMENTS``): its forward keeps only
 its inputs (references, not copies) and two floats per row (the log-sum-exp of each side); its
 backward recomputes each chunk and writes its gradient into one preallocated ``[N, V]`` tensor
@@ -58,11 +58,12 @@ from kdcore.registry import Registry
 IGNORE_INDEX = -100
 VOCAB_ALIGNMENTS = ("error", "truncate", "mask")
 DEFAULT_MAX_VOCAB_PADDING = 256
-#: Elements per chunk and temporary (16 MiB in float32). Smaller chunks save little memory next
-#: to the [N, V] gradient but multiply the number of parallel regions, each a thread barrier that
-#: stalls when the machine is oversubscribed (measured on a loaded 2-core machine: 1M-element
-#: chunks took twice as long as these with 2 threads, and as long with 1 thread).
-CHUNK_ELEMENTS = 1 << 22
+#: Elements per chunk and temporary (8 MiB in float32). Each chunk runs a dozen parallel regions,
+#: each a thread barrier that stalls when the machine is oversubscribed: on a loaded 2-core
+#: machine 1M-element chunks took twice as long as 4M ones. Larger chunks cost memory (peak above
+#: the inputs at 2048 x 32000, forward KL: 1M 0.25x the plain formula's, 2M 0.27x, 4M 0.30x with
+#: swings to 0.35x); 2M is the compromise.
+CHUNK_ELEMENTS = 1 << 21
 #: Elements of logits per chunk in the fused loss (larger, for efficient matrix products).
 FUSED_CHUNK_ELEMENTS = 1 << 23
 #: Padded teacher columns sit this far below the row's maximum: exp() underflows to exactly 0
