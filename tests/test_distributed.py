@@ -41,10 +41,11 @@ def write_job(folder: Path, name: str, strategy: str = "ddp") -> Path:
     return job
 
 
-def torchrun(job: Path) -> subprocess.CompletedProcess[str]:
+def torchrun(job: Path, *options: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "kdcore", "distill"]
     return subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "kdcore", "distill", str(job)],
+        [*command, str(job), *options],
         cwd=ROOT,  # 'tests.distributed_job:...' resolves from here
         env=env,
         capture_output=True,
@@ -139,6 +140,15 @@ def test_fsdp2_shards_and_checkpoints_through_torch_dcp(tmp_path: Path, one_proc
     student = kd.restore(Net(), output / "student.safetensors")
     for name, tensor in restored.state_dict().items():
         assert torch.equal(tensor, student.state_dict()[name])
+
+    # Resumed under FSDP2 from step 3: the optimizer state is sharded again, the steps the same.
+    (output / "metrics.jsonl").unlink()
+    resumed = torchrun(tmp_path / "fsdp.toml", "--resume", str(output / "step-3"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    again = step_losses(output / "metrics.jsonl")
+    assert [r["step"] for r in again] == [4, 5, 6]
+    assert max(abs(a[k] - b[k]) for a, b in zip(again, single[3:], strict=True) for k in a) < 1e-5
 
 
 def test_fsdp2_without_numpy_is_refused_before_training(monkeypatch: pytest.MonkeyPatch) -> None:

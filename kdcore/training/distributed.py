@@ -17,6 +17,7 @@ examples, so slices with different labelled shares weigh slightly differently.)
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -82,7 +83,12 @@ def launch(strategy: str, device: str) -> Iterator[Launch]:
         yield Launch(dist.get_rank(), dist.get_world_size(), local_rank, strategy)
     finally:
         if created:
+            # FSDP2 leaves reference cycles (modules, their hooks, the device mesh) that hold a
+            # process group; freed only at interpreter exit, its gloo threads die taking the GIL
+            # and abort the process. Collected here, while the interpreter still runs.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()
 
 
 def device_of(config_device: str, job: Launch) -> torch.device:
