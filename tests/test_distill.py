@@ -252,6 +252,17 @@ def test_progress_on_a_terminal_redraws_one_line_in_place() -> None:
     assert "\rcheckpoint saved" in text and "\rstep 4/4 [################]" in text
 
 
+def test_the_bar_is_cut_to_the_terminal_width() -> None:
+    import io
+
+    from kdcore.training.progress import Progress
+
+    screen = io.StringIO()
+    progress = Progress(total=2, start=0, every=1, say=print, stream=screen, tty=True, columns=30)
+    progress.update(2, {"loss": 1.0, "student_loss": 2.0}, examples=1)
+    assert screen.getvalue() == "\rstep 2/2 [################]  "  # 29 characters
+
+
 def test_progress_elsewhere_prints_every_n_steps_and_the_last() -> None:
     import io
 

@@ -10,6 +10,7 @@ at the last step, so that logs stay readable. No dependency: tqdm is not needed 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -54,11 +55,14 @@ class Progress:
         stream: TextIO | None = None,
         tty: bool | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        columns: int | None = None,
     ) -> None:
         self.total, self.start, self.every, self.say = total, start, every, say
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.clock = clock
+        # A bar wider than the terminal would wrap, and \r would only go back to its last row.
+        self.columns = columns or shutil.get_terminal_size().columns
         self.began = clock()
         self.examples = 0
         self._drawn = 0.0  # when the bar was last drawn
@@ -94,7 +98,7 @@ class Progress:
             return
         now = self.clock()
         if last or now - self._drawn >= REDRAW_SECONDS:
-            self._draw(self.line(step, parts))
+            self._draw(self.line(step, parts)[: self.columns - 1])
             self._drawn = now
 
     def note(self, text: str) -> None:
