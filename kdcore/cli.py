@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 PROG = "kdcore"
@@ -233,12 +234,17 @@ def _add_check_command(subparsers: Any) -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from kdcore.config_files import load_config
+    from kdcore.config_files import load_config, read_config_file
     from kdcore.errors import ConfigTypeError
     from kdcore.modes import check
     from kdcore.references import resolve
+    from kdcore.training.config import TRAIN_TABLE, load_job
 
-    modes = load_config(args.config)
+    train = None
+    if TRAIN_TABLE in read_config_file(Path(args.config)):  # a kdcore distill job file
+        modes, train = load_job(args.config)
+    else:
+        modes = load_config(args.config)
     student = None
     if args.student is not None:
         student = resolve(args.student, what="student factory")()
@@ -246,8 +252,15 @@ def _run_check(args: argparse.Namespace) -> int:
 
         if not isinstance(student, torch.nn.Module):
             raise ConfigTypeError(f"--student {args.student} returned {type(student).__name__}")
-    for line in check(modes, student=student):
+    for line in check(modes, student=student) if modes else []:
         print(line)
+    if train is not None:
+        length = f"{train.epochs or 1} epochs" if train.steps is None else f"{train.steps} steps"
+        print(
+            f"[{TRAIN_TABLE}] {train.student} on {train.data}: {train.optimizer} "
+            f"lr {train.learning_rate}, {length}, batch {train.batch_size}, {train.device}, "
+            f"output {train.output}"
+        )
     print(f"{args.config}: ok")
     return 0
 

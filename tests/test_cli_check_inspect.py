@@ -75,3 +75,27 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "distill.toml"
     path.write_text(text)
     return path
+
+
+JOB_TRAIN = """
+[train]
+student = "tests.conftest:TinyNet"
+data = "tests.distributed_job:data"
+steps = 20
+batch_size = 16
+"""
+
+
+def test_check_accepts_a_distill_job_file_and_checks_its_train_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "job.toml"
+    path.write_text(TOML + JOB_TRAIN)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "LogitsDistillationLoss_0" in out  # the modes, as for a plain config
+    assert "[train] tests.conftest:TinyNet on tests.distributed_job:data" in out
+    assert "20 steps, batch 16" in out
+    path.write_text(TOML + JOB_TRAIN.replace("batch_size = 16", "batch_size = 0"))
+    assert main(["check", str(path)]) == 1
+    assert f"{path}: train.batch_size: must be at least 1, got 0" in capsys.readouterr().err
