@@ -640,6 +640,29 @@ def _load_optimizer_state(
         raise CheckpointFormatError(
             path, f"the optimizer state does not fit the given optimizer ({exc!r})"
         ) from exc
+    _shard_state_like_parameters(optimizer)
+
+
+def _shard_state_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """The file holds whole state tensors; a parameter FSDP2 sharded (a DTensor) needs its
+    state sharded the same way. Each rank keeps its own slice of what it read: no traffic."""
+    if "torch.distributed.tensor" not in sys.modules:  # then no parameter can be a DTensor
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter)
+            if not isinstance(parameter, DTensor) or not state:
+                continue
+            for key, value in state.items():
+                if type(value) is torch.Tensor and value.shape == parameter.shape:
+                    state[key] = distribute_tensor(
+                        value.to(parameter.device),
+                        parameter.device_mesh,
+                        parameter.placements,
+                        src_data_rank=None,
+                    )
 
 
 def _registered_anywhere(obj: Any) -> bool:

@@ -160,9 +160,7 @@ def _train(
         resume = Path(resume)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-            kd.restore(model, resume, optimizer=optimizer)
-        if fsdp:
-            _shard_optimizer_state(optimizer)
+            kd.restore(model, resume, optimizer=optimizer)  # shards the state for FSDP2
         saved = json.loads(state_path(resume).read_text(encoding="utf-8"))
         step = int(saved["step"])
         torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
@@ -300,26 +298,6 @@ def _require_numpy_for_dcp() -> None:
             'needs NumPy, which is not installed: pip install numpy (or use strategy = "ddp")',
             path="train.strategy",
         ) from None
-
-
-def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """``kd.restore`` loads optimizer state as whole tensors; a parameter FSDP2 sharded (a
-    DTensor) needs its state sharded the same way. Each rank keeps its own slice: no traffic."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            state = optimizer.state.get(parameter)
-            if not isinstance(parameter, DTensor) or not state:
-                continue
-            for key, value in state.items():
-                if type(value) is torch.Tensor and value.shape == parameter.shape:
-                    state[key] = distribute_tensor(
-                        value.to(parameter.device),
-                        parameter.device_mesh,
-                        parameter.placements,
-                        src_data_rank=None,
-                    )
 
 
 def _validate(
