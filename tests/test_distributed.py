@@ -4,6 +4,7 @@ Also: DDP- and FSDP2-wrapped models through ``kd.convert``/``kd.export`` in a on
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -186,7 +187,9 @@ def process_group(tmp_path: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        gc.collect()  # FSDP2's reference cycles hold the group (see kdcore.training.distributed)
         dist.destroy_process_group()
+        gc.collect()
 
 
 def kd_config() -> list[tuple[str, Any]]:

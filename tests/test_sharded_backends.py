@@ -785,7 +785,7 @@ def test_a_bare_dcp_checkpoint_is_recognised_but_has_no_manifest(tmp_path: Path)
 # ------------------------------------------------------------------ FSDP2 across two processes
 FSDP2_SCRIPT = textwrap.dedent(
     """
-    import json, sys, tempfile, warnings
+    import gc, json, sys, tempfile, warnings
     from pathlib import Path
     import torch, torch.distributed as dist
     import torch.multiprocessing as mp
@@ -826,7 +826,12 @@ FSDP2_SCRIPT = textwrap.dedent(
         assert torch.equal(fresh(x), expected)
         if rank == 0:
             torch.save(expected, Path(folder).parent / "expected.pt")
+        # FSDP2's reference cycles hold the process group; left to interpreter exit, its gloo
+        # threads can abort the process ("terminate called without an active exception").
+        del model, fresh
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
     if __name__ == "__main__":
         folder = sys.argv[1]
