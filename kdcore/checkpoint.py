@@ -230,7 +230,7 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
         if lock is not None:
             os.close(lock)
     fsync_folder(folder)
-    remove_stale_temporaries(path)
+    _remove_stale_temporaries(folder, path.name)
 
 
 def _hold_lock(descriptor: int) -> int | None:
@@ -249,15 +249,14 @@ def _hold_lock(descriptor: int) -> int | None:
     return lock
 
 
-def remove_stale_temporaries(path: Path) -> None:
-    """Remove ``path``'s temporary files that killed writers left; never a live writer's
-    (it holds a lock). Nothing is removed where locks are not available (Windows)."""
+def _remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Remove the temporary files of ``folder / name`` that killed writers left; never a live
+    writer's (it holds a lock). Nothing is removed where locks are not available (Windows)."""
     if sys.platform == "win32":
         return
     import fcntl
 
-    folder = path.parent if str(path.parent) else Path(".")
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    pattern = re.compile(re.escape(f".{name}.") + r"[A-Za-z0-9_]+\.tmp")
     try:
         entries = [entry for entry in os.listdir(folder) if pattern.fullmatch(entry)]
     except OSError:
