@@ -71,9 +71,10 @@ def trained(batch: torch.Tensor, **overrides: Any) -> tuple[nn.Module, torch.opt
     return model, optimizer
 
 
-def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     with open(path, "wb") as file:
         safetensors_format.write(file, tensors, metadata)
+    return path
 
 
 def manifest_of(path: Path) -> dict[str, Any]:

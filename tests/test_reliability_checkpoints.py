@@ -33,6 +33,8 @@ from torch import nn
 import kdcore as kd
 from kdcore.checkpoint import CheckpointNotFoundError, parse_manifest
 from tests.conftest import TinyNet, make_teacher
+from tests.test_checkpoint import crafted_manifest, write_raw
+from tests.test_reliability_save_faults import trained_model
 
 # ================================================================== watching what runs
 _WATCHED_EVENTS = (
@@ -113,41 +115,9 @@ def _warm_up(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 # ================================================================== building checkpoints
-def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    with open(path, "wb") as file:
-        safetensors_format.write(file, tensors, metadata)
-    return path
-
-
 def raw_file(header: bytes | str, data: bytes = b"", length: int | None = None) -> bytes:
     header = header.encode() if isinstance(header, str) else header
     return (len(header) if length is None else length).to_bytes(8, "little") + header + data
-
-
-def good_manifest(**overrides: Any) -> dict[str, Any]:
-    manifest: dict[str, Any] = {
-        "format": "kdcore.checkpoint",
-        "format_version": 1,
-        "kdcore_version": "0.1.0",
-        "student_class": "tests.conftest:TinyNet",
-        "modes": [
-            {
-                "name": "kd_loss",
-                "config": {
-                    "teacher_model": {"name": "callable", "target": "tests.conftest:make_teacher"},
-                    "criterion": [{"student": "", "teacher": "", "loss": {"name": "logits"}}],
-                    "loss_balancer": None,
-                    "expose_minimal_state_dict": True,
-                },
-                "missing": [],
-                "teacher_weights": False,
-            }
-        ],
-        "aliases": {},
-        "optimizer": None,
-    }
-    manifest.update(overrides)
-    return manifest
 
 
 def with_manifest(
@@ -351,7 +321,7 @@ def test_a_reference_to_non_model_code_is_refused_in_every_place(
 ) -> None:
     """17 references x 8 places of the manifest: each refused by name, none run or imported."""
     for target in MALICIOUS:
-        manifest = good_manifest()
+        manifest = crafted_manifest()
         REFUSING_PLACES[place](manifest, target, calls_for(target, sentinel))
         path = with_manifest(tmp_path / "evil.safetensors", manifest)
         error = assert_refused(
@@ -372,7 +342,7 @@ def test_informative_references_are_never_resolved(
 ) -> None:
     """``student_class`` and the optimizer's ``class`` only inform: restore never looks them up."""
     for target in MALICIOUS:
-        manifest = good_manifest(modes=[])
+        manifest = crafted_manifest(modes=[])
         if field == "student_class":
             manifest["student_class"] = target
         else:
@@ -392,7 +362,7 @@ def test_trusted_code_failing_on_arguments_from_the_file_is_a_checkpoint_error(
     tmp_path: Path, sentinel: Path
 ) -> None:
     """An nn.Module class is trusted, but a file can hand it arguments it chokes on."""
-    manifest = good_manifest()
+    manifest = crafted_manifest()
     manifest["modes"][0]["config"]["teacher_model"] = {
         "name": "callable",
         "target": "tests.conftest:TinyNet",
@@ -603,73 +573,73 @@ MANIFESTS: dict[str, tuple[Any, str, type[Exception]]] = {
     ),
     "manifest is a list": ("[]", "has no kdcore manifest", kd.CheckpointFormatError),
     "format is wrong": (
-        good_manifest(format="x"),
+        crafted_manifest(format="x"),
         "has no kdcore manifest",
         kd.CheckpointFormatError,
     ),
     "format_version is a string": (
-        good_manifest(format_version="1"),
+        crafted_manifest(format_version="1"),
         "format_version must be an integer, got '1'",
         kd.CheckpointFormatError,
     ),
     "format_version is a bool": (
-        good_manifest(format_version=True),
+        crafted_manifest(format_version=True),
         "format_version must be an integer",
         kd.CheckpointFormatError,
     ),
     "format_version from the future": (
-        good_manifest(format_version=2**70),
+        crafted_manifest(format_version=2**70),
         "reads up to format 1: upgrade kdcore",
         kd.CheckpointVersionError,
     ),
     "modes is a dict": (
-        good_manifest(modes={"kd_loss": {}}),
+        crafted_manifest(modes={"kd_loss": {}}),
         "manifest 'modes' has the wrong type",
         kd.CheckpointFormatError,
     ),
     "a mode is a string": (
-        good_manifest(modes=["kd_loss"]),
+        crafted_manifest(modes=["kd_loss"]),
         r"modes\[0\] is malformed",
         kd.CheckpointFormatError,
     ),
     "teacher_weights is a string": (
-        good_manifest(
+        crafted_manifest(
             modes=[{"name": "kd_loss", "config": {}, "missing": [], "teacher_weights": "no"}]
         ),
         r"modes\[0\] is malformed",
         kd.CheckpointFormatError,
     ),
     "a missing entry is a number": (
-        good_manifest(
+        crafted_manifest(
             modes=[{"name": "kd_loss", "config": {}, "missing": [1], "teacher_weights": False}]
         ),
         r"modes\[0\]\.missing holds 1",
         kd.CheckpointFormatError,
     ),
     "a missing entry is short": (
-        good_manifest(
+        crafted_manifest(
             modes=[{"name": "kd_loss", "config": {}, "missing": [["x"]], "teacher_weights": False}]
         ),
         r"modes\[0\]\.missing holds \['x'\]",
         kd.CheckpointFormatError,
     ),
     "aliases map to numbers": (
-        good_manifest(aliases={"a": 1}),
+        crafted_manifest(aliases={"a": 1}),
         "'aliases' must map names to names",
         kd.CheckpointFormatError,
     ),
     "an alias names a missing tensor": (
-        good_manifest(aliases={"fc1.weight": "nope"}),
+        crafted_manifest(aliases={"fc1.weight": "nope"}),
         "alias 'fc1.weight' names missing tensor 'nope'",
         kd.CheckpointFormatError,
     ),
     "optimizer is a list": (
-        good_manifest(optimizer=[]),
+        crafted_manifest(optimizer=[]),
         "manifest 'optimizer' has the wrong type",
         kd.CheckpointFormatError,
     ),
     "mode config has a typo": (
-        good_manifest(
+        crafted_manifest(
             modes=[
                 {
                     "name": "kd_loss",
@@ -747,7 +717,7 @@ def test_damaged_optimizer_state_is_refused_before_anything_changes(
     optimizer, extra, match = OPTIMIZERS[case]
     path = with_manifest(
         tmp_path / "optimizer.safetensors",
-        good_manifest(modes=[], optimizer=optimizer),
+        crafted_manifest(modes=[], optimizer=optimizer),
         {**TinyNet().state_dict(), **extra},
     )
     assert_refused(path, match, kd.CheckpointFormatError, optimizer=True)
@@ -781,7 +751,7 @@ TENSORS: dict[str, tuple[dict[str, torch.Tensor], str]] = {
 @pytest.mark.parametrize("case", list(TENSORS))
 def test_tensors_that_do_not_fit_the_model_are_refused(tmp_path: Path, case: str) -> None:
     tensors, match = TENSORS[case]
-    path = with_manifest(tmp_path / "tensors.safetensors", good_manifest(modes=[]), tensors)
+    path = with_manifest(tmp_path / "tensors.safetensors", crafted_manifest(modes=[]), tensors)
     assert_refused(path, match, kd.CheckpointMismatchError)
 
 
@@ -789,7 +759,7 @@ def test_lower_precision_tensors_still_load() -> None:
     """The dtype check refuses another kind of number, not another precision."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"half-{os.getpid()}.safetensors"
     try:
-        with_manifest(path, good_manifest(modes=[]), _tensors_as(torch.float16))
+        with_manifest(path, crafted_manifest(modes=[]), _tensors_as(torch.float16))
         restored = kd.restore(TinyNet(), path)
         assert restored.fc1.weight.dtype == torch.float32
     finally:
@@ -799,14 +769,7 @@ def test_lower_precision_tensors_still_load() -> None:
 @pytest.fixture(scope="module")
 def saved_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     folder = tmp_path_factory.mktemp("saved")
-    model = kd.convert(
-        TinyNet(),
-        [("kd_loss", {"teacher_model": make_teacher, "criterion": kd.LogitsDistillationLoss()})],
-    )
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 4))
-    model.compute_kd_loss().backward()
-    optimizer.step()
+    model, optimizer = trained_model()
     return kd.save(model, folder / "run.safetensors", optimizer=optimizer).read_bytes()
 
 
@@ -906,7 +869,7 @@ def manifests(draw: st.DrawFn) -> Any:
     """A valid manifest with parts replaced by arbitrary JSON, or arbitrary JSON outright."""
     if draw(st.integers(0, 9)) == 0:
         return draw(JSON)
-    manifest = good_manifest()
+    manifest = crafted_manifest()
     for _ in range(draw(st.integers(1, 3))):
         target: Any = manifest
         keys: list[Any] = []
