@@ -29,11 +29,12 @@ LAYERS, WIDTH = 2, 512  # 2 MiB of float32: a save takes long enough to be hit m
 
 # One helper process imports torch once, then forks a child per trial that saves the model
 # (every parameter filled with the trial number) over the checkpoint; the helper kills it after
-# a random delay drawn from [0, 1.5 x a measured save], and waits for the test to check the file.
+# a random delay, log-uniform from 0.1 ms to 3 x a measured forked save, and waits for the test
+# to check the file.
 KILLER = (
     textwrap.dedent(
         """
-    import os, random, signal, sys, time
+    import math, os, random, signal, sys, time
     import torch
     import kdcore as kd
 
@@ -51,8 +52,16 @@ KILLER = (
         options = {"max_shard_size": "300KB"} if backend == "safetensors-sharded" else {}
         fill(0)
         kd.save(model, path, backend=backend, **options)
+        # Timed as the trials run: in a forked child (its first writes copy pages, which a save
+        # in this process would not pay; timed here, kills could all land before the rename).
         start = time.perf_counter()
-        kd.save(model, path, backend=backend, **options)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                kd.save(model, path, backend=backend, **options)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
         duration = time.perf_counter() - start
         for trial in range(1, int(trials) + 1):
             fill(trial)
@@ -62,7 +71,9 @@ KILLER = (
                     kd.save(model, path, backend=backend, **options)
                 finally:
                     os._exit(0)
-            time.sleep(rng.uniform(0, 1.5 * duration))
+            # Log-uniform from 0.1 ms to 3 saves: kills early in the write, at the rename and
+            # after it, whatever the fork and page-copy costs of this machine.
+            time.sleep(math.exp(rng.uniform(math.log(1e-4), math.log(3 * duration))))
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
             print(trial, "killed" if os.WIFSIGNALED(status) else "finished", flush=True)
@@ -124,7 +135,8 @@ def test_killing_save_at_random_moments_leaves_the_old_or_the_new_checkpoint(
                 previous = value
                 helper.stdin.write("\n")
                 helper.stdin.flush()
-            if trials >= 20:  # kills landed on both sides of the rename (certain at 24 trials)
+            # Kills landed on both sides of the rename (all but certain at 24 trials).
+            if trials >= 20:
                 assert outcomes["old"] > 0 and outcomes["new"] > 0, outcomes
     finally:
         helper.stdin.close()
