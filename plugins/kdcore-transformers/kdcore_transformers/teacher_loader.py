@@ -6,10 +6,17 @@
 
 Every argument is checked before anything is loaded (``kd.check`` calls :func:`validate`
 without loading), and refused values are named in a :class:`kdcore.ConfigError`.
+
+A kd.save checkpoint records the spec and kd.restore replays it, so the loader never runs code
+shipped with a model, whoever calls it: ``trust_remote_code`` is refused, a local folder whose
+``config.json`` needs its own code (an ``auto_map``) is refused before transformers sees it, and
+``from_pretrained`` always gets ``trust_remote_code=False``, so transformers refuses such code
+itself (for a hub id) instead of asking "run the custom code? [y/N]" on stdin.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,11 +45,13 @@ RESERVED_KWARGS = {
     "device_map": "device",
     "revision": "revision",
 }
+_BUILD_IT_YOURSELF = (
+    "build such a teacher yourself and pass the module, or a @kd.teacher_factory, as teacher_model"
+)
 REFUSED_KWARGS = {
     "trust_remote_code": (
         "runs code downloaded with the model, and a kd.save checkpoint records the teacher spec "
-        "for kd.restore to replay; build such a teacher yourself and pass the module, or a "
-        "@kd.teacher_factory, as teacher_model"
+        f"for kd.restore to replay; {_BUILD_IT_YOURSELF}"
     ),
 }
 # A hub id: "name" or "owner/name" (letters, digits, '-', '_', '.').
@@ -63,12 +72,39 @@ def _check_path(path: Any) -> Path | str:
             raise ConfigError(
                 f"path {str(path)!r} has no config.json: not a folder save_pretrained wrote"
             )
+        _check_no_custom_code(local / "config.json")
         return local
     text = str(path)
     looks_local = isinstance(path, Path) or text.startswith(("/", ".", "~")) or "\\" in text
     if looks_local or not _HUB_ID.match(text):
         raise ConfigError(f"path {text!r}: no such folder, and not a hub id ('owner/name')")
     return text
+
+
+def _check_no_custom_code(config_file: Path) -> None:
+    """Refuse a config.json that maps classes to Python files shipped with the model.
+
+    An ``auto_map`` is harmless when transformers has its own classes for the ``model_type``
+    (saved Phi-3 or Qwen folders keep one): with ``trust_remote_code=False`` it uses those.
+    """
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{config_file} is not a readable JSON config: {exc}") from None
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{config_file} holds {type(config).__name__}, not a JSON object")
+    if not config.get("auto_map"):
+        return
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    raise ConfigError(
+        f"{config_file} has an auto_map and model_type {model_type!r}, which transformers has no "
+        "classes for: loading it would run Python files shipped with the model, which kdcore "
+        f"never does (a checkpoint replays this spec at kd.restore); {_BUILD_IT_YOURSELF}"
+    )
 
 
 def _check_dtype(dtype: Any) -> torch.dtype | str:
@@ -174,7 +210,8 @@ def load_transformers_teacher(
     :param auto_class: the ``transformers.AutoModel*`` class to load with.
     :param revision: a branch, tag or commit of a hub repository.
     :param from_pretrained_kwargs: further keyword arguments of ``from_pretrained``
-        (``attn_implementation``, ``local_files_only``...); ``trust_remote_code`` is refused.
+        (``attn_implementation``, ``local_files_only``...); ``trust_remote_code`` is refused,
+        and so is a folder whose ``config.json`` needs code shipped with the model.
     """
     source = _check_path(path)
     torch_dtype = _check_dtype(dtype)
@@ -188,10 +225,20 @@ def load_transformers_teacher(
         kwargs["device_map"] = torch_device
     if revision is not None:
         kwargs["revision"] = revision
+    call = f"{auto_class}.from_pretrained({str(path)!r})"
     try:
-        model = cls.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ConfigError(f"{auto_class}.from_pretrained({str(path)!r}) failed: {exc}") from exc
+        # Explicitly False: left unset, transformers asks on stdin whether to run the code.
+        model = cls.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise ConfigError(f"{call} failed: {exc}") from exc
+        # Its advice (pass trust_remote_code=True) is what kdcore refuses.
+        raise ConfigError(
+            f"{call}: the model needs Python files shipped with it (an auto_map in its "
+            f"config.json), which kdcore never runs; {_BUILD_IT_YOURSELF}"
+        ) from exc
+    except (OSError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{call} failed: {exc}") from exc
     return model  # type: ignore[no-any-return]
 
 
