@@ -3,7 +3,10 @@
 In a user's own config every reference is resolved. While :func:`restoring` a checkpoint, a
 reference is only used if the code it names is trusted: an ``nn.Module`` subclass, a callable a
 plugin registered, one marked with :func:`teacher_factory`, or one named in ``trust=``; and
-its module is imported only if it is already imported or trusted, since importing runs code.
+nothing is imported to find it unless it is trusted, since importing runs code: its module must
+be imported already, and each name of the qualname is looked up in the attributes objects
+already hold, never through a module's lazy ``__getattr__`` (torch imports ``torch._dynamo``
+that way), a metaclass ``__getattr__`` or a property.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import inspect
 import sys
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -68,9 +73,17 @@ class TrustPolicy:
         return (
             reference in self.trusted
             or (isinstance(obj, type) and issubclass(obj, nn.Module))
-            or getattr(obj, _TEACHER_FACTORY_MARK, False) is True
+            or _is_marked(obj)
             or self.registered(obj)
         )
+
+
+def _is_marked(obj: Any) -> bool:
+    """Whether ``obj`` carries the :func:`teacher_factory` mark, running none of its code (an
+    object's ``__getattr__`` would run for a missing attribute)."""
+    if type(obj) is types.MethodType:  # a bound classmethod: the mark is on its function
+        obj = obj.__func__
+    return inspect.getattr_static(obj, _TEACHER_FACTORY_MARK, False) is True
 
 
 _policy: contextvars.ContextVar[TrustPolicy | None] = contextvars.ContextVar(
@@ -94,12 +107,20 @@ def resolve(reference: str, *, what: str) -> Any:
         raise ConfigError(f"{what} must look like 'package.module:name', got {reference!r}")
     module_name, qualname = reference.split(":")
     policy = _policy.get()
-    if policy is not None and module_name not in sys.modules and reference not in policy.trusted:
+    if policy is None or reference in policy.trusted:
+        return _import(module_name, qualname, reference, what=what)
+    obj = _find_imported(module_name, qualname, reference, what=what)
+    if not policy.allows(reference, obj):
         raise UntrustedReferenceError(
-            f"the checkpoint names {what} {reference!r}, whose module {module_name!r} is not "
-            f"imported; kdcore does not import code a file names. Import {module_name} first, "
-            f"or pass trust=[{reference!r}] to kd.restore"
+            f"the checkpoint names {what} {reference!r}, which is not an nn.Module class, not "
+            "registered by a plugin and not marked @kd.teacher_factory; kdcore will not call it. "
+            f"If you trust this file, pass trust=[{reference!r}] to kd.restore"
         )
+    return obj
+
+
+def _import(module_name: str, qualname: str, reference: str, *, what: str) -> Any:
+    """The user's own reference (or a trusted one): import and look up as Python would."""
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -111,10 +132,50 @@ def resolve(reference: str, *, what: str) -> Any:
                 f"{what} {reference!r}: {part!r} not found{did_you_mean(part, names)}"
             )
         obj = getattr(obj, part)
-    if policy is not None and not policy.allows(reference, obj):
-        raise UntrustedReferenceError(
-            f"the checkpoint names {what} {reference!r}, which is not an nn.Module class, not "
-            "registered by a plugin and not marked @kd.teacher_factory; kdcore will not call it. "
-            f"If you trust this file, pass trust=[{reference!r}] to kd.restore"
-        )
     return obj
+
+
+def _find_imported(module_name: str, qualname: str, reference: str, *, what: str) -> Any:
+    """A file's reference: found among what is already imported, importing and running nothing."""
+    obj = sys.modules.get(module_name)
+    if obj is None:
+        raise UntrustedReferenceError(
+            f"the checkpoint names {what} {reference!r}, whose module {module_name!r} is not "
+            f"imported; kdcore does not import code a file names. Import {module_name} first, "
+            f"or pass trust=[{reference!r}] to kd.restore"
+        )
+    parts = qualname.split(".")
+    for depth, part in enumerate(parts):
+        try:
+            obj = _static_attribute(obj, part)
+        except AttributeError:
+            owner = f"{module_name}:{'.'.join(parts[:depth])}" if depth else module_name
+            raise UntrustedReferenceError(
+                f"the checkpoint names {what} {reference!r}, but {owner!r} has no attribute "
+                f"{part!r} yet; getting it could import or run code (a lazy module attribute), "
+                "and kdcore does not do that for a file. Import the code that defines it first, "
+                f"or pass trust=[{reference!r}] to kd.restore"
+            ) from None
+    return obj
+
+
+def _static_attribute(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)`` for attributes that exist already, without calling any code.
+
+    A module's own dict only (not its ``__getattr__``, which may import); for other objects,
+    what the class dicts hold (:func:`inspect.getattr_static`: no ``__getattr__``, no metaclass
+    ``__getattr__``, a property is returned as the property object, which is then not trusted).
+    Static and class methods are bound by hand, as Python's own descriptors would.
+    """
+    if isinstance(obj, types.ModuleType):
+        try:
+            return vars(obj)[name]
+        except KeyError:
+            raise AttributeError(name) from None
+    value = inspect.getattr_static(obj, name)
+    if isinstance(value, staticmethod):
+        return value.__func__
+    if isinstance(value, classmethod):
+        owner = obj if isinstance(obj, type) else type(obj)
+        return types.MethodType(value.__func__, owner)
+    return value
