@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import math
 import os
@@ -927,7 +928,15 @@ class _Instance:
         return f"{self.cls.module}.{self.cls.name}(...)"
 
 
-_REPR = reprlib.Repr()
+class _BoundedRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() of an integer of more than 4,300 digits raises ValueError; a pickle can hold one
+        if x.bit_length() > 64:
+            return f"<a {x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+
+_REPR = _BoundedRepr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
 
 
@@ -1220,9 +1229,12 @@ def _called(value: Any, module: str, name: str, what: str) -> tuple[Any, ...]:
     return value.args
 
 
+_MAX_INT = 2**63 - 1  # torch's sizes, strides and offsets are int64
+
+
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _ShapeError(f"{what} must be a non-negative integer, got {_short(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
+        raise _ShapeError(f"{what} must be a non-negative 64-bit integer, got {_short(value)}")
     return value
 
 
@@ -1333,23 +1345,43 @@ def _dcp_entries(value: Any) -> dict[str, _DcpTensor]:
     return entries
 
 
+_MAX_COVER_CORNERS = 2**20  # a 2-D split into 250,000 chunks; a second or two
+
+
 def _check_cover(fqn: str, shape: tuple[int, ...], chunks: list[_Chunk]) -> None:
-    """The chunks tile the tensor: no overlaps, and together exactly its size."""
+    """The chunks tile the tensor: no overlaps, and together exactly its size.
+
+    In linear time, by corners rather than by comparing every pair: a box's indicator is the
+    signed sum of the orthants at its corners (+ where an even number of coordinates are upper
+    bounds, - where odd), and that sum is unique, so the chunks (all inside the tensor, checked
+    before) tile it exactly when their signed corners add up to the tensor's own. Dimensions that
+    every chunk spans in full factor out, so a chunk has 2**(split dimensions) corners.
+    """
     if sum(_numel(chunk.sizes) for chunk in chunks) != _numel(shape) or (
         not chunks and _numel(shape)
     ):
         raise _ShapeError(f"the chunks of {fqn!r} do not cover its shape {list(shape)}")
+    if not _numel(shape):
+        return  # and so every chunk is empty
     nonempty = [chunk for chunk in chunks if _numel(chunk.sizes)]
-    for i, a in enumerate(nonempty):
-        for b in nonempty[i + 1 :]:
-            if all(
-                a.offsets[d] < b.offsets[d] + b.sizes[d]
-                and b.offsets[d] < a.offsets[d] + a.sizes[d]
-                for d in range(len(shape))
-            ):
-                raise _ShapeError(
-                    f"chunks {list(a.offsets)} and {list(b.offsets)} of {fqn!r} overlap"
-                )
+    split = [d for d in range(len(shape)) if any(c.sizes[d] != shape[d] for c in nonempty)]
+    if len(nonempty) << len(split) > _MAX_COVER_CORNERS:
+        raise _ShapeError(
+            f"{fqn!r} is split along {len(split)} dimensions into {len(nonempty)} chunks, more "
+            f"than kdcore checks ({_MAX_COVER_CORNERS} chunk corners)"
+        )
+    whole = _Chunk((0,) * len(shape), shape, "", 0, 0)
+    counts: dict[tuple[int, ...], int] = {}
+    for box, sign in [(whole, -1), *((chunk, 1) for chunk in nonempty)]:
+        bounds = [((box.offsets[d], 1), (box.offsets[d] + box.sizes[d], -1)) for d in split]
+        for corner in itertools.product(*bounds):
+            point = tuple(x for x, _ in corner)
+            counts[point] = counts.get(point, 0) + sign * math.prod(s for _, s in corner)
+    if any(counts.values()):
+        raise _ShapeError(
+            f"the chunks of {fqn!r} overlap (their sizes add up to its shape {list(shape)}, so "
+            "they also leave part of it uncovered)"
+        )
 
 
 def _rebuilt_tensor(
