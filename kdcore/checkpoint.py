@@ -18,6 +18,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -29,9 +30,11 @@ from kdcore.balancer import StudentLossWeightWarning
 from kdcore.errors import KDCoreError
 from kdcore.model import BALANCER, LOSS_MODULES, TEACHER, is_distillation_model
 from kdcore.modes import convert, export, unwrap
-from kdcore.plugin_manager import registries
+from kdcore.plugin_manager import BUILTIN_DISTRIBUTION, PluginWarning, registries
 from kdcore.record import ModeRecord, NotRecordableWarning
 from kdcore.references import TrustPolicy, reference_of, restoring
+from kdcore.registry import Provider
+from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
 
 FORMAT = "kdcore.checkpoint"
 FORMAT_VERSION = 1
@@ -44,6 +47,7 @@ class CheckpointError(KDCoreError, ValueError):
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = str(path)
+        self.problem = problem
         super().__init__(f"{path}: {problem}")
 
 
@@ -303,17 +307,7 @@ def restore(
     model = unwrap(model)
     with contextlib.closing(open_checkpoint(path)) as reader:
         manifest = parse_manifest(reader.manifest, path)
-        available = {
-            name: info
-            for name, info in reader.tensors.items()
-            if not name.startswith(OPTIMIZER_PREFIX)
-        }
-        for alias, target in manifest["aliases"].items():
-            if target not in available:
-                raise CheckpointFormatError(
-                    path, f"alias {alias!r} names missing tensor {target!r}"
-                )
-            available[alias] = available[target]
+        available = _model_tensors_in(reader.tensors, manifest["aliases"], path)
         if optimizer is not None:
             _check_optimizer(optimizer, manifest, path)
         saved_modes = manifest["modes"]
@@ -353,7 +347,8 @@ def restore(
                 partial=False,
             )
             if optimizer is not None:  # before the model's tensors: a refusal changes nothing
-                _load_optimizer_state(optimizer, _optimizer_state(manifest, reader, path), path)
+                state = _optimizer_state(optimizer, manifest, reader, path)
+                _load_optimizer_state(optimizer, state, path)
         except BaseException:
             if converted_here:
                 export(model)
@@ -366,14 +361,47 @@ def restore(
 
 
 def open_checkpoint(path: Path) -> CheckpointReader:
-    """Find the backend whose format ``path`` holds and open it."""
+    """Find the backend whose format ``path`` holds and open it.
+
+    kdcore's own backends are asked first, then the others by name: a plugin cannot take over
+    the built-in formats, and one whose ``detect`` raises is skipped with a :class:`PluginWarning`
+    naming it, so it cannot break every restore.
+    """
     if not path.exists():
         raise CheckpointNotFoundError(path, "no such file or folder")
     backends = registries().checkpoint_backends
-    for _, backend, _ in backends.items():
-        if backend.detect(path):
-            return backend.open(path)  # type: ignore[no-any-return]
+    ordered = sorted(
+        backends.items(), key=lambda item: item[2].distribution != BUILTIN_DISTRIBUTION
+    )
+    for name, backend, provider in ordered:
+        if provider.distribution == BUILTIN_DISTRIBUTION:
+            if backend.detect(path):
+                return backend.open(path)  # type: ignore[no-any-return]
+            continue
+        try:
+            claimed = backend.detect(path)
+        except Exception as exc:
+            warnings.warn(
+                f"{_backend_of(name, provider)} raised in detect({str(path)!r}): {exc!r}; it is "
+                "skipped",
+                PluginWarning,
+                stacklevel=3,
+            )
+            continue
+        if claimed:
+            try:
+                return backend.open(path)  # type: ignore[no-any-return]
+            except KDCoreError:
+                raise
+            except Exception as exc:  # the backend claimed the file: its failure is the answer
+                raise CheckpointFormatError(
+                    path, f"{_backend_of(name, provider)} failed to open it: {exc!r}"
+                ) from exc
     raise CheckpointFormatError(path, _describe_unknown(path, backends.names()))
+
+
+def _backend_of(name: str, provider: Provider) -> str:
+    return f"checkpoint backend {name!r} of {provider}"
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -381,13 +409,17 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of the checkpoint at ``path`` and a summary of its tensors, by group.
+    """The manifest of the checkpoint at ``path``, a summary of its tensors by group, and the
+    problems for which ``kd.restore`` would refuse the manifest.
 
-    Reads the header only (no tensor data) and runs nothing the file names.
+    Reads the header only (no tensor data) and runs nothing the file names. Raises a kdcore
+    error only when ``path`` is not a checkpoint (no backend reads it, or it holds no kdcore
+    manifest); a damaged manifest is returned as far as it parses, its problems under
+    ``"problems"``.
     """
     path = Path(path)
     with contextlib.closing(open_checkpoint(path)) as reader:
-        manifest = parse_manifest(reader.manifest, path)
+        text = reader.manifest
         groups: dict[str, dict[str, int]] = {}
         for name, info in reader.tensors.items():
             group = _tensor_group(name)
@@ -395,8 +427,45 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             count = math.prod(info.shape)
             entry["tensors"] += 1
             entry["parameters"] += count
-            entry["bytes"] += count * torch.empty((), dtype=info.dtype).element_size()
-    return {"path": str(path), "manifest": manifest, "tensor_groups": groups}
+            entry["bytes"] += count * info.dtype.itemsize
+    try:
+        manifest = _manifest_json(text, path)
+    except CheckpointFormatError as exc:
+        return {
+            "path": str(path),
+            "manifest": None,
+            "problems": [exc.problem],
+            "tensor_groups": groups,
+        }
+    problems = [problem for _, problem in _manifest_problems(manifest)]
+    if not problems:
+        problems = _recorded_config_problems(manifest)
+    return {"path": str(path), "manifest": manifest, "problems": problems, "tensor_groups": groups}
+
+
+def _recorded_config_problems(manifest: dict[str, Any]) -> list[str]:
+    """What ``inspect`` shows of each mode's config, in the form ``kd.save`` records it; the
+    rest of a config is checked by ``kd.restore`` when it rebuilds the model."""
+    problems = []
+    for index, mode in enumerate(manifest["modes"]):
+        config = mode["config"] or {}
+        criterion = config.get("criterion")
+        pairs_ok = isinstance(criterion, list) and all(
+            isinstance(pair, dict)
+            and set(pair) == {"student", "teacher", "loss"}
+            and isinstance(pair["student"], str)
+            and isinstance(pair["teacher"], str)
+            for pair in criterion
+        )
+        if "criterion" in config and criterion is not None and not pairs_ok:
+            problems.append(
+                f"manifest modes[{index}].config.criterion is {reprlib.repr(criterion)}, not a "
+                "list of {student, teacher, loss} pairs"
+            )
+    optimizer = manifest.get("optimizer")  # a manifest may leave it out
+    if optimizer is not None and not isinstance(optimizer.get("class"), str):
+        problems.append("manifest 'optimizer' names no class")
+    return problems
 
 
 def _tensor_group(name: str) -> str:
@@ -424,24 +493,44 @@ def _describe_unknown(path: Path, backends: list[str]) -> str:
 
 def parse_manifest(text: str, path: Path) -> dict[str, Any]:
     """Check the manifest's shape and version; return it as a dict."""
+    manifest = _manifest_json(text, path)
+    for error, problem in _manifest_problems(manifest):
+        raise error(path, problem)
+    return manifest  # type: ignore[no-any-return]
+
+
+def _manifest_json(text: str, path: Path) -> Any:
     try:
-        manifest = json.loads(text)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except DuplicateKeyError as exc:
+        raise CheckpointFormatError(
+            path, f"duplicate key {exc.args[0]!r} in the manifest"
+        ) from None
     except (TypeError, ValueError) as exc:
         raise CheckpointFormatError(path, f"the manifest is not valid JSON ({exc})") from None
     except RecursionError:  # json gives up on deep nesting with RecursionError, not ValueError
         raise CheckpointFormatError(path, "the manifest nests too deeply") from None
+
+
+def _manifest_problems(manifest: Any) -> list[tuple[type[CheckpointError], str]]:
+    """Each problem of a parsed manifest, in the order ``parse_manifest`` reports the first."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointFormatError(path, "has no kdcore manifest (not written by kd.save)")
+        return [(CheckpointFormatError, "has no kdcore manifest (not written by kd.save)")]
     version = manifest.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise CheckpointFormatError(path, f"format_version must be an integer, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise CheckpointVersionError(
-            path,
+        return [(CheckpointFormatError, f"format_version must be an integer, got {version!r}")]
+    if version > FORMAT_VERSION:  # the rest may mean something else in that format
+        problem = (
             f"was written by kdcore {manifest.get('kdcore_version')!r} in checkpoint format "
             f"{version}; this kdcore ({_kdcore_version()}) reads up to format {FORMAT_VERSION}: "
-            "upgrade kdcore",
+            "upgrade kdcore"
         )
+        return [(CheckpointVersionError, problem)]
+    problems: list[tuple[type[CheckpointError], str]] = []
+
+    def bad(problem: str) -> None:
+        problems.append((CheckpointFormatError, problem))
+
     expected_types: dict[str, type | tuple[type, ...]] = {
         "modes": list,
         "aliases": dict,
@@ -449,8 +538,9 @@ def parse_manifest(text: str, path: Path) -> dict[str, Any]:
     }
     for key, types in expected_types.items():
         if not isinstance(manifest.get(key), types):
-            raise CheckpointFormatError(path, f"manifest {key!r} has the wrong type")
-    for index, mode in enumerate(manifest["modes"]):
+            bad(f"manifest {key!r} has the wrong type")
+    modes = manifest.get("modes")
+    for index, mode in enumerate(modes if isinstance(modes, list) else []):
         valid = (
             isinstance(mode, dict)
             and isinstance(mode.get("name"), str)
@@ -459,21 +549,25 @@ def parse_manifest(text: str, path: Path) -> dict[str, Any]:
             and isinstance(mode.get("teacher_weights"), bool)
         )
         if not valid:
-            raise CheckpointFormatError(path, f"manifest modes[{index}] is malformed")
+            bad(f"manifest modes[{index}] is malformed")
+            continue
         for entry in mode["missing"]:
             if not (
                 isinstance(entry, list)
                 and len(entry) == 2
                 and all(isinstance(e, str) for e in entry)
             ):
-                raise CheckpointFormatError(
-                    path,
+                bad(
                     f"manifest modes[{index}].missing holds {reprlib.repr(entry)}; expected "
-                    "[config path, reason] pairs of strings",
+                    "[config path, reason] pairs of strings"
                 )
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["aliases"].items()):
-        raise CheckpointFormatError(path, "manifest 'aliases' must map names to names")
-    return manifest
+                break
+    aliases = manifest.get("aliases")
+    if isinstance(aliases, dict) and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        bad("manifest 'aliases' must map names to names")
+    return problems
 
 
 def _modes_to_rebuild(
@@ -508,6 +602,31 @@ def _load_targets(model: nn.Module, saved_modes: list[dict[str, Any]]) -> dict[s
     keep_teacher = any(mode["teacher_weights"] for mode in saved_modes)
     with model.hide_teacher_model(not keep_teacher):
         return dict(nn.Module.state_dict(model, keep_vars=True))
+
+
+def _model_tensors_in(
+    stored: Mapping[str, TensorInfo], aliases: dict[str, str], path: Path
+) -> dict[str, TensorInfo]:
+    """The model's tensors the file holds: those stored, and the aliases of tied ones.
+
+    An alias names a stored tensor directly, as ``kd.save`` writes them: a chain (an alias of an
+    alias) or a cycle is refused rather than followed, and so is an alias that is also stored.
+    """
+    available = {
+        name: info for name, info in stored.items() if not name.startswith(OPTIMIZER_PREFIX)
+    }
+    for alias, target in aliases.items():
+        if target in aliases:
+            raise CheckpointFormatError(
+                path,
+                f"alias {alias!r} names {target!r}, which is itself an alias; an alias must name "
+                "a stored tensor",
+            )
+        if target not in available:
+            raise CheckpointFormatError(path, f"alias {alias!r} names missing tensor {target!r}")
+        if alias in stored:
+            raise CheckpointFormatError(path, f"alias {alias!r} is also a stored tensor")
+    return available | {alias: available[target] for alias, target in aliases.items()}
 
 
 def _check_tensors(
@@ -552,18 +671,25 @@ def _dtype_kind(dtype: torch.dtype) -> str:
 def _check_optimizer(
     optimizer: torch.optim.Optimizer, manifest: dict[str, Any], path: Path
 ) -> None:
-    saved = manifest["optimizer"]
+    saved = manifest.get("optimizer")  # left out: none saved
     if saved is None:
         raise CheckpointMismatchError(path, "holds no optimizer state (save with optimizer=)")
     groups, scalars = saved.get("param_groups"), saved.get("scalars")
     if not isinstance(groups, list) or not isinstance(scalars, dict):
         raise CheckpointFormatError(path, "manifest 'optimizer' is malformed")
+    seen: set[int] = set()
     for index, group in enumerate(groups):
         params = group.get("params") if isinstance(group, dict) else None
         if not isinstance(params, list) or not all(_is_index(p) for p in params):
             raise CheckpointFormatError(
                 path, f"manifest optimizer param_groups[{index}] has no 'params' list of indices"
             )
+        for parameter in params:
+            if parameter in seen:  # torch would map both to one parameter, the other stateless
+                raise CheckpointFormatError(
+                    path, f"manifest optimizer param_groups list parameter index {parameter} twice"
+                )
+            seen.add(parameter)
     for index, values in scalars.items():
         if not (_is_index_text(index) and isinstance(values, dict)):
             raise CheckpointFormatError(
@@ -611,22 +737,70 @@ def _same_kind(saved: Any, given: Any) -> bool:
 
 
 def _optimizer_state(
-    manifest: dict[str, Any], reader: CheckpointReader, path: Path
+    optimizer: torch.optim.Optimizer, manifest: dict[str, Any], reader: CheckpointReader, path: Path
 ) -> dict[str, Any]:
+    """The saved state as ``optimizer.load_state_dict`` takes it, every tensor checked against
+    its parameter before any is read (torch checks only what it uses, at the next ``step()``)."""
     saved = manifest["optimizer"]
+    # load_state_dict maps the saved indices to the given parameters by position in the groups
+    parameters = {
+        str(index): parameter
+        for index, parameter in zip(
+            chain.from_iterable(group["params"] for group in saved["param_groups"]),
+            chain.from_iterable(group["params"] for group in optimizer.param_groups),
+            strict=True,
+        )
+    }
     state: dict[int, dict[str, Any]] = {}
     for index, values in saved["scalars"].items():
+        if index not in parameters:
+            raise CheckpointFormatError(path, _unheld(f"optimizer scalars[{index!r}]", index))
         state.setdefault(int(index), {}).update(values)
-    for name in reader.tensors:
-        if name.startswith(OPTIMIZER_PREFIX):
-            parts = name[len(OPTIMIZER_PREFIX) :].split(".", 2)
-            if len(parts) != 3 or parts[0] != "state" or not _is_index_text(parts[1]):
-                raise CheckpointFormatError(
-                    path,
-                    f"tensor {name!r} is not named {OPTIMIZER_PREFIX}state.<parameter index>.<key>",
-                )
-            state.setdefault(int(parts[1]), {})[parts[2]] = reader.load(name)
+    tensors: dict[str, tuple[str, str]] = {}
+    for name, info in reader.tensors.items():
+        if not name.startswith(OPTIMIZER_PREFIX):
+            continue
+        parts = name[len(OPTIMIZER_PREFIX) :].split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not _is_index_text(parts[1]):
+            raise CheckpointFormatError(
+                path,
+                f"tensor {name!r} is not named {OPTIMIZER_PREFIX}state.<parameter index>.<key>",
+            )
+        if parts[1] not in parameters:
+            raise CheckpointFormatError(path, _unheld(f"tensor {name!r}", parts[1]))
+        _check_state_tensor(name, info, parts[1], parameters[parts[1]], path)
+        tensors[name] = (parts[1], parts[2])
+    for name, (index, key) in tensors.items():
+        state.setdefault(int(index), {})[key] = reader.load(name)
     return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _unheld(what: str, index: str) -> str:
+    return f"{what} names parameter index {index}, which no optimizer param_groups entry holds"
+
+
+def _check_state_tensor(
+    name: str, info: TensorInfo, index: str, parameter: torch.Tensor, path: Path
+) -> None:
+    """A state tensor has its parameter's shape, is a scalar (Adam's ``step``), or holds
+    factored statistics (Adafactor's row and column variances: the shape with some sizes 1)."""
+    shape, expected = tuple(info.shape), tuple(parameter.shape)
+    fits = all(size == 1 for size in shape) or (
+        len(shape) == len(expected)
+        and all(size in (full, 1) for size, full in zip(shape, expected, strict=True))
+    )
+    if not fits:
+        raise CheckpointFormatError(
+            path,
+            f"the optimizer state does not fit the given optimizer: tensor {name!r} has shape "
+            f"{list(shape)}, but parameter {index} has shape {list(expected)}",
+        )
+    if shape == expected and _dtype_kind(info.dtype) != _dtype_kind(parameter.dtype):
+        raise CheckpointFormatError(
+            path,
+            f"the optimizer state does not fit the given optimizer: tensor {name!r} is "
+            f"{info.dtype}, but parameter {index} is {parameter.dtype}",
+        )
 
 
 def _load_optimizer_state(

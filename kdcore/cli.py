@@ -275,7 +275,10 @@ def _add_inspect_command(subparsers: Any) -> None:
         description=(
             "Print what a kd.save checkpoint holds: format and kdcore version, the modes with "
             "their teacher spec, criteria and balancer, and tensor counts and sizes by group. "
-            "Reads the header only and runs nothing the file names."
+            "Reads the header only and runs nothing the file names. A damaged manifest is "
+            "shown as far as it can be read, followed by its problems (those kd.restore would "
+            "refuse it for); the exit status is still 0. It is 1 only when PATH is not a "
+            "checkpoint at all (no backend reads it, or it holds no kdcore manifest)."
         ),
     )
     parser.add_argument("path", help="a checkpoint file or folder")
@@ -284,43 +287,75 @@ def _add_inspect_command(subparsers: Any) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    import json
 
     from kdcore.checkpoint import inspect_checkpoint
 
     summary = inspect_checkpoint(args.path)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(_json(summary, indent=2))
         return 0
-    manifest = summary["manifest"]
+    # The manifest is whatever the file holds: each field is shown only in the shape kd.save
+    # writes it, and the problems are listed at the end.
+    manifest = _object(summary["manifest"])
     print(f"{summary['path']}")
     print(
-        f"  format {manifest['format_version']}, written by kdcore {manifest['kdcore_version']}, "
-        f"student {manifest.get('student_class')}"
+        f"  format {_shown(manifest.get('format_version'))}, written by kdcore "
+        f"{_shown(manifest.get('kdcore_version'))}, student {_shown(manifest.get('student_class'))}"
     )
-    for mode in manifest["modes"]:
-        config = mode["config"] or {}
-        print(f"  mode {mode['name']}")
+    modes = manifest.get("modes")
+    for mode in modes if isinstance(modes, list) else []:
+        mode = _object(mode)
+        config = _object(mode.get("config"))
+        print(f"  mode {_shown(mode.get('name'))}")
         if "teacher_model" in config:
-            saved = " (weights in the checkpoint)" if mode["teacher_weights"] else ""
-            print(f"    teacher: {json.dumps(config['teacher_model'])}{saved}")
-        for index, pair in enumerate(config.get("criterion") or []):
+            saved = " (weights in the checkpoint)" if mode.get("teacher_weights") is True else ""
+            print(f"    teacher: {_json(config['teacher_model'])}{saved}")
+        criterion = config.get("criterion")
+        for index, pair in enumerate(criterion if isinstance(criterion, list) else []):
+            pair = _object(pair)
             print(
-                f"    criterion[{index}]: student {pair['student'] or '<output>'!r} <- teacher "
-                f"{pair['teacher'] or '<output>'!r}: {json.dumps(pair['loss'])}"
+                f"    criterion[{index}]: student {pair.get('student') or '<output>'!r} <- "
+                f"teacher {pair.get('teacher') or '<output>'!r}: {_json(pair.get('loss'))}"
             )
         if "loss_balancer" in config:
-            print(f"    loss balancer: {json.dumps(config['loss_balancer'])}")
-        for where, why in mode["missing"]:
-            print(f"    not recorded: {where} ({why})")
-    if manifest.get("optimizer"):
-        print(f"  optimizer: {manifest['optimizer']['class']}")
+            print(f"    loss balancer: {_json(config['loss_balancer'])}")
+        missing = mode.get("missing")
+        for entry in missing if isinstance(missing, list) else []:
+            if isinstance(entry, list) and len(entry) == 2:
+                print(f"    not recorded: {_shown(entry[0])} ({_shown(entry[1])})")
+    optimizer = manifest.get("optimizer")
+    if isinstance(optimizer, dict):
+        print(f"  optimizer: {_shown(optimizer.get('class'))}")
     rows = [["TENSORS", "COUNT", "PARAMETERS", "MIB"]]
     for group, entry in summary["tensor_groups"].items():
         mib = f"{entry['bytes'] / 2**20:.2f}"
         rows.append([group, str(entry["tensors"]), f"{entry['parameters']:,}", mib])
     print("\n".join(_table(rows, indent="  ")))
+    if summary["problems"]:
+        print("  problems:")
+        for problem in summary["problems"]:
+            print(f"    - {problem}")
     return 0
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _shown(value: Any) -> str:
+    """A manifest field as text: strings as they are, anything else as JSON."""
+    if value is None:
+        return "(not recorded)"
+    return value if isinstance(value, str) else _json(value)
+
+
+def _json(value: Any, indent: int | None = None) -> str:
+    import json
+
+    try:
+        return json.dumps(value, indent=indent)
+    except RecursionError:  # parsed, but too deep for the indenting (pure Python) encoder
+        return json.dumps(value)
 
 
 # ---------------------------------------------------------------------------- kdcore distill

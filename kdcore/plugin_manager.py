@@ -23,6 +23,7 @@ from kdcore.registry import Provider, Registry
 
 DISABLE_ENV_VAR = "KDCORE_DISABLE_PLUGINS"
 ENTRY_POINT_GROUP = "kdcore"
+BUILTIN_DISTRIBUTION = "kdcore"  # the distribution of kdcore's own plugins (kdcore_builtins)
 
 
 class PluginWarning(UserWarning):
@@ -128,7 +129,7 @@ class PluginHost:
                     name = dist.metadata["Name"] or "<unnamed>"  # a broken METADATA has none
                     seen.setdefault((name, entry_point.name), entry_point)
         # kdcore's own plugins first, then the others in a fixed order.
-        return [seen[key] for key in sorted(seen, key=lambda k: (k[0] != "kdcore", k))]
+        return [seen[key] for key in sorted(seen, key=lambda k: (k[0] != BUILTIN_DISTRIBUTION, k))]
 
     def _register(self, plugin: object, provider: Provider) -> None:
         plugin_id = f"{provider.distribution}:{provider.plugin}"
