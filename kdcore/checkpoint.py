@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
 import re
 import reprlib
+import secrets
+import stat
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import attrs
 import torch
@@ -207,13 +209,14 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
 
     Readers see the old file or the new one, never a mix; on any error the temporary file is
     removed and the old file is untouched. A process killed mid-write cannot remove its
-    temporary file, so a later successful write removes the ones no live writer holds.
+    temporary file, so a later successful write removes the ones no live writer holds. The new
+    file keeps the permission bits of the file it replaces; a new file gets ``0o666`` less the
+    umask, as ``open`` gives.
     """
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CheckpointWriteError(f"{path}: folder {str(folder)!r} does not exist")
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    lock = _hold_lock(descriptor)
+    descriptor, temporary, lock = _locked_temporary(path, folder)
     try:
         with os.fdopen(descriptor, "wb") as file:
             yield file
@@ -224,11 +227,7 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         if isinstance(exc, OSError) and not isinstance(exc, KDCoreError):
-            reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
-            raise CheckpointWriteError(
-                f"{path}: writing the checkpoint failed ({reason}); the previous file at this "
-                "path, if any, is unchanged"
-            ) from exc
+            raise _write_error(path, exc) from exc
         raise
     finally:
         if lock is not None:
@@ -237,25 +236,83 @@ def atomic_write(path: Path) -> Iterator[IO[bytes]]:
     _remove_stale_temporaries(folder, path.name)
 
 
-def _hold_lock(descriptor: int) -> int | None:
+def _write_error(path: Path, exc: OSError) -> CheckpointWriteError:
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+    return CheckpointWriteError(
+        f"{path}: writing the checkpoint failed ({reason}); the previous file at this path, if "
+        "any, is unchanged"
+    )
+
+
+_TEMPORARY_ATTEMPTS = 100
+
+
+def _locked_temporary(path: Path, folder: Path) -> tuple[int, Path, int | None]:
+    """A new temporary file for ``path``, locked (see :func:`_hold_lock`), with the mode the
+    checkpoint keeps: ``(descriptor, its path, the lock's descriptor)``."""
+    try:
+        mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None  # a new file: 0o666 less the umask, which os.open applies
+    for _ in range(_TEMPORARY_ATTEMPTS):
+        temporary = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+            descriptor = os.open(temporary, flags | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        except OSError as exc:  # a folder without write permission, say
+            raise _write_error(path, exc) from exc
+        lock = _hold_lock(descriptor, temporary)
+        if lock is not False:
+            if mode is not None:
+                with contextlib.suppress(OSError):  # some file systems have no modes
+                    os.fchmod(descriptor, mode)
+            return descriptor, temporary, lock
+        os.close(descriptor)  # another writer took it for a stale one before we locked it
+    raise CheckpointWriteError(
+        f"{path}: could not create a temporary file in {str(folder)!r} in "
+        f"{_TEMPORARY_ATTEMPTS} attempts (other writers removed each); the previous file at "
+        "this path, if any, is unchanged"
+    )
+
+
+def _hold_lock(descriptor: int, temporary: Path) -> int | Literal[False] | None:
     """Lock the temporary file until it is renamed (a second descriptor: closing the file
-    object must not release it), so that no other writer takes it for a stale one."""
+    object must not release it), so that no other writer takes it for a stale one.
+
+    The file is visible before it is locked, and in between another writer's cleanup may lock
+    and remove it; so once locked, check that the name still is this file. The lock's
+    descriptor, None where locks are not available, False when the file was taken."""
     if sys.platform == "win32":
         return None
     import fcntl
 
     lock = os.dup(descriptor)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits only for a cleanup that holds it to remove it
+    except OSError:  # a file system without flock: no writer can lock, none removes
         os.close(lock)
         return None
-    return lock
+    if _names_file(temporary, lock):
+        return lock
+    os.close(lock)
+    return False
+
+
+def _names_file(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` (not following a symlink) is the file open as ``descriptor``."""
+    try:
+        named, opened = os.lstat(path), os.fstat(descriptor)
+    except OSError:
+        return False
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def _remove_stale_temporaries(folder: Path, name: str) -> None:
     """Remove the temporary files of ``folder / name`` that killed writers left; never a live
-    writer's (it holds a lock). Nothing is removed where locks are not available (Windows)."""
+    writer's (it holds a lock, or will check that it still has its file once it does). Nothing
+    is removed where locks are not available (Windows)."""
     if sys.platform == "win32":
         return
     import fcntl
@@ -267,12 +324,41 @@ def _remove_stale_temporaries(folder: Path, name: str) -> None:
         return
     for entry in entries:
         with contextlib.suppress(OSError):
-            descriptor = os.open(folder / entry, os.O_RDONLY | os.O_NOFOLLOW)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            descriptor = os.open(folder / entry, flags)
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a live writer
-                os.unlink(folder / entry)
+                # Renamed by its writer meanwhile, the name may since be another file's.
+                if _names_file(folder / entry, descriptor):
+                    os.unlink(folder / entry)
             finally:
                 os.close(descriptor)
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """Open a checkpoint file for reading, if it is a regular file (symlinks are followed).
+
+    A FIFO would block the open until some process writes to it and a device may never end, so
+    the file is opened without blocking and its handle, not its path, is checked. Raises
+    ``FileNotFoundError`` when nothing is there, :class:`CheckpointFormatError` for anything
+    but a regular file and :class:`CheckpointError` when it cannot be opened.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be opened ({exc.strerror or exc})") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+            raise CheckpointFormatError(path, f"is {kind}, not a regular file")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def fsync_folder(folder: Path) -> None:
@@ -428,6 +514,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             entry["tensors"] += 1
             entry["parameters"] += count
             entry["bytes"] += count * info.dtype.itemsize
+        files = _file_locations(path, getattr(reader, "files", None) or [path])
     try:
         manifest = _manifest_json(text, path)
     except CheckpointFormatError as exc:
@@ -436,11 +523,18 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "manifest": None,
             "problems": [exc.problem],
             "tensor_groups": groups,
+            "files": files,
         }
     problems = [problem for _, problem in _manifest_problems(manifest)]
     if not problems:
         problems = _recorded_config_problems(manifest)
-    return {"path": str(path), "manifest": manifest, "problems": problems, "tensor_groups": groups}
+    return {
+        "path": str(path),
+        "manifest": manifest,
+        "problems": problems,
+        "tensor_groups": groups,
+        "files": files,
+    }
 
 
 def _recorded_config_problems(manifest: dict[str, Any]) -> list[str]:
@@ -468,6 +562,24 @@ def _recorded_config_problems(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _file_locations(path: Path, files: list[Path]) -> list[dict[str, Any]]:
+    """Each file of the checkpoint: its name in it, where it really is (symlinks resolved), and
+    whether that is outside the checkpoint's folder. Reading follows symlinks (Hugging Face
+    caches link shards into a blob store); this shows where they lead."""
+    root = path if path.is_dir() else path.parent
+    real_root = os.path.realpath(root)
+    locations = []
+    for file in files:
+        location = os.path.realpath(file)
+        try:
+            outside = os.path.commonpath([real_root, location]) != real_root
+        except ValueError:  # another drive (Windows)
+            outside = True
+        name = os.path.relpath(file, root)
+        locations.append({"name": name, "location": location, "outside": outside})
+    return locations
+
+
 def _tensor_group(name: str) -> str:
     for prefix, group in (
         (OPTIMIZER_PREFIX, "optimizer"),
@@ -482,7 +594,7 @@ def _tensor_group(name: str) -> str:
 
 def _describe_unknown(path: Path, backends: list[str]) -> str:
     if path.is_file():
-        with open(path, "rb") as file:
+        with open_regular(path) as file:
             head = file.read(4)
         if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             return "is a pickle file; kdcore never unpickles (re-save it with kd.save)"

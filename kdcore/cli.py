@@ -331,6 +331,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         mib = f"{entry['bytes'] / 2**20:.2f}"
         rows.append([group, str(entry["tensors"]), f"{entry['parameters']:,}", mib])
     print("\n".join(_table(rows, indent="  ")))
+    print("  files (where they really are):")
+    for file in summary["files"]:
+        outside = " (outside the checkpoint folder)" if file["outside"] else ""
+        print(f"    {file['name']}: {file['location']}{outside}")
     if summary["problems"]:
         print("  problems:")
         for problem in summary["problems"]:

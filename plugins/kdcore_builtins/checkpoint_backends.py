@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 import kdcore
-from kdcore.checkpoint import CheckpointFormatError, atomic_write
+from kdcore.checkpoint import CheckpointFormatError, CheckpointNotFoundError, atomic_write
 from kdcore.registry import Registry
 from kdcore_builtins import safetensors_format
 from kdcore_builtins.sharded_backends import DcpBackend, ShardedSafetensorsBackend
@@ -34,7 +34,10 @@ class SafetensorsBackend:
             safetensors_format.write(file, tensors, metadata)
 
     def open(self, path: Path) -> SafetensorsCheckpoint:
-        return SafetensorsCheckpoint(path)
+        try:
+            return SafetensorsCheckpoint(path)
+        except FileNotFoundError:  # removed since detect() saw it
+            raise CheckpointNotFoundError(path, "no such file or folder") from None
 
 
 class SafetensorsCheckpoint(safetensors_format.SafetensorsFile):

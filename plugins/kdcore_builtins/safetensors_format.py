@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import struct
 import sys
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import IO, Any
 
 import torch
 
-from kdcore.checkpoint import CheckpointFormatError, TensorInfo
+from kdcore.checkpoint import CheckpointError, CheckpointFormatError, TensorInfo, open_regular
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -91,12 +92,17 @@ def write(
 
 
 class SafetensorsFile:
-    """One safetensors file, its header checked in full before any tensor is read."""
+    """One safetensors file, its header checked in full before any tensor is read.
+
+    Everything is read through one handle: a save that replaces the file meanwhile (a rename)
+    leaves this reader on the file it opened. Raises ``FileNotFoundError`` when there is none.
+    """
 
     def __init__(self, path: Path) -> None:
         _check_byte_order()
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.files = [path]  # what kdcore inspect reports
+        self._file = open_regular(path)
         try:
             self.metadata, self.entries = self._read_header()
         except BaseException:
@@ -109,7 +115,7 @@ class SafetensorsFile:
     def _read_header(
         self,
     ) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
-        size = self.path.stat().st_size
+        size = os.fstat(self._file.fileno()).st_size  # of the file opened, not the path's now
         if size < HEADER_LENGTH_BYTES:
             raise self._fail(f"is {size} bytes long, too short for a safetensors file")
         (length,) = struct.unpack("<Q", self._file.read(HEADER_LENGTH_BYTES))
@@ -226,9 +232,10 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def looks_like_safetensors(path: Path) -> bool:
-    """A file whose header, after the 8 length bytes, opens a JSON object."""
-    if not path.is_file():
+    """A regular file whose header, after the 8 length bytes, opens a JSON object."""
+    try:
+        with open_regular(path) as file:
+            head = file.read(HEADER_LENGTH_BYTES + 1)
+    except (OSError, CheckpointError):
         return False
-    with open(path, "rb") as file:
-        head = file.read(HEADER_LENGTH_BYTES + 1)
     return len(head) == HEADER_LENGTH_BYTES + 1 and head[-1:] == b"{"

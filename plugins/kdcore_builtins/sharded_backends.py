@@ -56,22 +56,26 @@ import re
 import reprlib
 import shutil
 import struct
+import sys
 import uuid
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, NamedTuple, TypeGuard, cast
+from typing import IO, Any, NamedTuple, TypeGuard, TypeVar, cast
 
 import attrs
 import torch
 
 from kdcore.checkpoint import (
+    CheckpointError,
     CheckpointFormatError,
+    CheckpointNotFoundError,
     CheckpointWriteError,
     TensorInfo,
     atomic_write,
     fsync_folder,
+    open_regular,
 )
 from kdcore_builtins import safetensors_format
 
@@ -89,6 +93,8 @@ DCP_METADATA = ".metadata"
 _DCP_FOLDER = re.compile(r"dcp-[0-9a-f]{12}")
 MAX_DCP_METADATA_BYTES = 1024 * 1024 * 1024
 MAX_DATA_PKL_BYTES = 1024 * 1024
+SAVE_LOCK = ".kdcore-save.lock"
+OPEN_ATTEMPTS = 20  # a reader starts again this often when saves keep replacing the checkpoint
 
 
 # ================================================================================ shared
@@ -180,12 +186,14 @@ def _plain_name(name: object) -> TypeGuard[str]:
     )
 
 
-def _read_json(path: Path, what: str) -> Any:
-    size = path.stat().st_size
+def _read_json(path: Path, what: str, file: IO[bytes]) -> Any:
+    """The JSON in ``file`` (opened from ``path``), its size taken from the handle."""
+    size = os.fstat(file.fileno()).st_size
     if size > MAX_JSON_BYTES:
         raise CheckpointFormatError(path, f"{what} is {size} bytes, more than {MAX_JSON_BYTES}")
     try:
-        return json.loads(path.read_bytes(), object_pairs_hook=safetensors_format.no_duplicate_keys)
+        text = file.read(size)  # (read(MAX) would allocate MAX bytes up front)
+        return json.loads(text, object_pairs_hook=safetensors_format.no_duplicate_keys)
     except safetensors_format.DuplicateKeyError as exc:
         raise CheckpointFormatError(path, f"duplicate key {exc.args[0]!r} in the {what}") from None
     except (UnicodeDecodeError, ValueError) as exc:
@@ -194,24 +202,104 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointFormatError(path, f"{what} JSON nests too deeply") from None
 
 
-def _looks_like_json_object(path: Path) -> bool:
-    try:
-        with open(path, "rb") as file:
-            return file.read(64).lstrip()[:1] == b"{"
-    except OSError:
-        return False
-
-
 def _peek_json(path: Path) -> Any:
     """The JSON in ``path`` if it is a small enough valid JSON file, else None (for detect)."""
     try:
-        if not path.is_file() or path.stat().st_size > MAX_JSON_BYTES:
-            return None
-        if not _looks_like_json_object(path):  # don't read a big binary file in full
-            return None
-        return json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        with open_regular(path) as file:
+            if os.fstat(file.fileno()).st_size > MAX_JSON_BYTES:
+                return None
+            head = file.read(64)
+            if head.lstrip()[:1] != b"{":  # don't read a big binary file in full
+                return None
+            return json.loads(head + file.read())
+    except (OSError, CheckpointError, UnicodeDecodeError, ValueError, RecursionError):
         return None
+
+
+@contextlib.contextmanager
+def _save_lock(folder: Path) -> Iterator[None]:
+    """One save at a time into ``folder``: a save removes the files of the checkpoints before
+    it, which must not be another live save's new files.
+
+    An exclusive ``flock`` on ``folder/.kdcore-save.lock``, which the holder removes when done
+    (a waiter that then holds a removed file's lock tries again). Waits for the saves before
+    it; a killed save's lock is released with its process. Where locks are not available
+    (Windows, some network file systems), saves are not serialised.
+    """
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    path = folder / SAVE_LOCK
+    while True:
+        try:
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            descriptor = os.open(path, flags, 0o666)
+        except OSError as exc:  # a folder without write permission, say
+            raise CheckpointWriteError(
+                f"{folder}: cannot create the save lock {SAVE_LOCK} ({exc.strerror or exc}); the "
+                "previous checkpoint in this folder, if any, is unchanged"
+            ) from exc
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system
+            os.close(descriptor)
+            yield
+            return
+        if _is_file_at(path, descriptor):
+            break
+        os.close(descriptor)  # its holder removed it as we waited: lock the one there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(descriptor)
+
+
+def _is_file_at(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` (following symlinks, as opening does) is the file open as
+    ``descriptor``: not replaced or removed since it was opened."""
+    try:
+        there, opened = os.stat(path), os.fstat(descriptor)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+_Reader = TypeVar("_Reader", "ShardedSafetensorsCheckpoint", "DcpCheckpoint")
+
+
+def _open_consistently(commit: Path, read: Callable[[IO[bytes]], _Reader]) -> _Reader:
+    """Open a folder checkpoint as of one commit: ``commit`` (the index or marker) is opened
+    once and ``read`` opens every file it names; if a save replaced ``commit`` meanwhile (and
+    may have removed the files the old one named), start again, at most OPEN_ATTEMPTS times.
+
+    A committed checkpoint's files are never changed, only removed after the next commit, so
+    a reader holding their handles reads one checkpoint to the end."""
+    for _ in range(OPEN_ATTEMPTS):
+        try:
+            file = open_regular(commit)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                commit, "does not exist (removed by a save of another format?)"
+            ) from None
+        with file:
+            try:
+                reader = read(file)
+            except (OSError, CheckpointError):
+                if _is_file_at(commit, file.fileno()):
+                    raise  # the checkpoint itself is damaged
+                continue
+            if _is_file_at(commit, file.fileno()):
+                return reader
+            reader.close()
+    raise CheckpointFormatError(
+        commit,
+        f"kept changing while being read ({OPEN_ATTEMPTS} attempts: other processes keep saving "
+        "to it); try again",
+    )
 
 
 def _dcp_is_newer(folder: Path) -> bool:
@@ -289,6 +377,12 @@ class ShardedSafetensorsBackend:
                 f"the {self.name} backend takes only max_shard_size, got {sorted(options)}"
             )
         folder = _prepare_folder(path, self.name)
+        with _save_lock(folder):
+            self._write(folder, tensors, manifest, max_shard_size)
+
+    def _write(
+        self, folder: Path, tensors: Mapping[str, torch.Tensor], manifest: str, max_shard_size: int
+    ) -> None:
         previous = _index_files(folder / INDEX_NAME)
         groups = plan_shards(tensors, max_shard_size)
         names = _shard_names(folder, len(groups))
@@ -325,7 +419,8 @@ class ShardedSafetensorsBackend:
         _remove_dcp_checkpoint(folder)
 
     def open(self, path: Path) -> ShardedSafetensorsCheckpoint:
-        return ShardedSafetensorsCheckpoint(path / INDEX_NAME if path.is_dir() else path)
+        index = path / INDEX_NAME if path.is_dir() else path
+        return _open_consistently(index, lambda file: ShardedSafetensorsCheckpoint(index, file))
 
 
 def plan_shards(tensors: Mapping[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
@@ -361,12 +456,15 @@ def _shard_names(folder: Path, count: int) -> list[str]:
 
 
 class ShardedSafetensorsCheckpoint:
-    """An open sharded checkpoint: the index checked, every shard's header checked against it."""
+    """An open sharded checkpoint: the index checked, every shard's header checked against it.
 
-    def __init__(self, index: Path) -> None:
+    ``file`` is the index, open; each shard is opened once, here (see :func:`_open_consistently`).
+    """
+
+    def __init__(self, index: Path, file: IO[bytes]) -> None:
         self.path = index
         self.folder = index.parent
-        content = _read_json(index, "index")
+        content = _read_json(index, "index", file)
         if not isinstance(content, dict):
             raise self._fail("the index is not a JSON object")
         metadata = content.get("metadata", {})
@@ -398,13 +496,18 @@ class ShardedSafetensorsCheckpoint:
         return CheckpointFormatError(self.path, problem)
 
     def _open_shard(self, shard: str, weight_map: dict[str, str]) -> Any:
-        path = self.folder / shard
-        if not path.is_file():
+        try:
+            return safetensors_format.SafetensorsFile(self.folder / shard)
+        except FileNotFoundError:
             first = next(name for name, file in weight_map.items() if file == shard)
             raise self._fail(
                 f"weight_map puts tensor {first!r} in shard {shard!r}, which does not exist"
-            )
-        return safetensors_format.SafetensorsFile(path)
+            ) from None
+
+    @property
+    def files(self) -> list[Path]:
+        """The files read, for kdcore inspect."""
+        return [self.path, *(file.path for file in self._shards.values())]
 
     def _check(self, weight_map: dict[str, str], metadata: dict[str, Any]) -> None:
         for name, shard in weight_map.items():
@@ -472,10 +575,8 @@ class DcpBackend:
         if (path / DCP_MARKER).is_file():  # kdcore's own marker, damaged or not: open() checks it
             return True
         metadata = path / DCP_METADATA  # a bare DCP checkpoint: open() says what it lacks
-        with contextlib.suppress(OSError):
-            if metadata.is_file():
-                with open(metadata, "rb") as file:
-                    return file.read(1) == b"\x80"
+        with contextlib.suppress(OSError, CheckpointError), open_regular(metadata) as file:
+            return file.read(1) == b"\x80"
         return False
 
     def write(
@@ -484,11 +585,25 @@ class DcpBackend:
         if options:
             raise TypeError(f"the {self.name} backend takes no options, got {sorted(options)}")
         import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
 
         distributed = dist.is_available() and dist.is_initialized()
         coordinator = not distributed or dist.get_rank() == 0
         folder = _prepare_folder(path, self.name) if coordinator else path
+        # Rank 0 removes older checkpoints: it holds the folder's save lock for the whole save.
+        with _save_lock(folder) if coordinator else contextlib.nullcontext():
+            self._write(folder, tensors, manifest, distributed, coordinator)
+
+    def _write(
+        self,
+        folder: Path,
+        tensors: Mapping[str, torch.Tensor],
+        manifest: str,
+        distributed: bool,
+        coordinator: bool,
+    ) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
         save_id = uuid.uuid4().hex[:12]
         if distributed:
             save_id = _broadcast_save_id(save_id)
@@ -531,7 +646,9 @@ class DcpBackend:
             dist.barrier()  # no rank returns before the checkpoint is complete
 
     def open(self, path: Path) -> DcpCheckpoint:
-        return DcpCheckpoint(path)
+        if not (path / DCP_MARKER).exists():  # a bare DCP checkpoint, which no save changes
+            return DcpCheckpoint(path, None)
+        return _open_consistently(path / DCP_MARKER, lambda file: DcpCheckpoint(path, file))
 
 
 def _broadcast_save_id(save_id: str) -> str:
@@ -564,14 +681,19 @@ class _DcpTensor:
 
 
 class DcpCheckpoint:
-    """An open DCP checkpoint: its metadata read without unpickling and checked in full."""
+    """An open DCP checkpoint: its metadata read without unpickling and checked in full.
 
-    def __init__(self, folder: Path) -> None:
+    ``marker`` is kdcore's marker, open (None for a bare DCP checkpoint); the metadata and every
+    data file are opened once, here (see :func:`_open_consistently`).
+    """
+
+    def __init__(self, folder: Path, marker_file: IO[bytes] | None) -> None:
         self.path = folder
         self._manifest: str | None = None
+        self._files: dict[str, IO[bytes]] = {}
         marker_path = folder / DCP_MARKER
-        if marker_path.exists():
-            marker = _read_json(marker_path, "kdcore-dcp marker")
+        if marker_file is not None:
+            marker = _read_json(marker_path, "kdcore-dcp marker", marker_file)
             checkpoint = marker.get("checkpoint") if isinstance(marker, dict) else None
             if not isinstance(marker, dict) or marker.get("format") != DCP_FORMAT:
                 raise CheckpointFormatError(marker_path, f"is not a {DCP_FORMAT} marker")
@@ -597,11 +719,8 @@ class DcpCheckpoint:
         else:
             self.checkpoint = folder
         self.metadata_path = self.checkpoint / DCP_METADATA
-        if not self.metadata_path.is_file():
-            raise CheckpointFormatError(self.metadata_path, "does not exist")
-        self._entries = self._read_metadata()
-        self._files: dict[str, IO[bytes]] = {}
         try:  # every tensor record is checked now, before restore changes the model
+            self._entries = self._read_metadata()
             self._records = {
                 (name, chunk): self._record(name, entry, chunk)
                 for name, entry in self._entries.items()
@@ -616,11 +735,17 @@ class DcpCheckpoint:
         return CheckpointFormatError(self.metadata_path, problem)
 
     def _read_metadata(self) -> dict[str, _DcpTensor]:
-        size = self.metadata_path.stat().st_size
-        if size > MAX_DCP_METADATA_BYTES:
-            raise self._fail(f"is {size} bytes, more than {MAX_DCP_METADATA_BYTES}")
         try:
-            value = _evaluate_pickle(self.metadata_path.read_bytes(), _METADATA_GLOBALS)
+            file = open_regular(self.metadata_path)
+        except FileNotFoundError:
+            raise CheckpointFormatError(self.metadata_path, "does not exist") from None
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            if size > MAX_DCP_METADATA_BYTES:
+                raise self._fail(f"is {size} bytes, more than {MAX_DCP_METADATA_BYTES}")
+            data = file.read(size)
+        try:
+            value = _evaluate_pickle(data, _METADATA_GLOBALS)
         except _PickleRefusedError as exc:
             raise self._fail(f"{exc}; refused without running anything") from None
         try:
@@ -639,9 +764,13 @@ class DcpCheckpoint:
                 "checkpoint folder (paths outside the folder are refused)"
             )
         path = self.checkpoint / chunk.file
-        if not path.is_file():
-            raise self._fail(f"tensor {name!r} is stored in {chunk.file!r}, which does not exist")
-        size = path.stat().st_size
+        try:
+            file = self._file(chunk.file)
+        except FileNotFoundError:
+            raise self._fail(
+                f"tensor {name!r} is stored in {chunk.file!r}, which does not exist"
+            ) from None
+        size = os.fstat(file.fileno()).st_size  # of the file opened, which later reads use
         if chunk.offset + chunk.length > size:
             raise CheckpointFormatError(
                 path,
@@ -719,8 +848,14 @@ class DcpCheckpoint:
 
     def _file(self, name: str) -> IO[bytes]:
         if name not in self._files:
-            self._files[name] = open(self.checkpoint / name, "rb")  # noqa: SIM115 - see close()
+            self._files[name] = open_regular(self.checkpoint / name)
         return self._files[name]
+
+    @property
+    def files(self) -> list[Path]:
+        """The files read, for kdcore inspect."""
+        marker = [self.path / DCP_MARKER] if self._manifest is not None else []
+        return [*marker, self.metadata_path, *(self.checkpoint / name for name in self._files)]
 
     def close(self) -> None:
         for file in self._files.values():
