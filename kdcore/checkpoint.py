@@ -251,9 +251,11 @@ def _locked_temporary(path: Path, folder: Path) -> tuple[int, Path, int | None]:
     """A new temporary file for ``path``, locked (see :func:`_hold_lock`), with the mode the
     checkpoint keeps: ``(descriptor, its path, the lock's descriptor)``."""
     try:
-        mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+        existing = os.stat(path).st_mode
     except OSError:
-        mode = None  # a new file: 0o666 less the umask, which os.open applies
+        existing = 0
+    # A new file gets 0o666 less the umask (os.open applies it); a replaced one keeps its mode.
+    mode = stat.S_IMODE(existing) if stat.S_ISREG(existing) else None
     for _ in range(_TEMPORARY_ATTEMPTS):
         temporary = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -265,7 +267,7 @@ def _locked_temporary(path: Path, folder: Path) -> tuple[int, Path, int | None]:
             raise _write_error(path, exc) from exc
         lock = _hold_lock(descriptor, temporary)
         if lock is not False:
-            if mode is not None:
+            if mode is not None and hasattr(os, "fchmod"):
                 with contextlib.suppress(OSError):  # some file systems have no modes
                     os.fchmod(descriptor, mode)
             return descriptor, temporary, lock
@@ -343,9 +345,9 @@ def open_regular(path: Path) -> io.BufferedReader:
     ``FileNotFoundError`` when nothing is there, :class:`CheckpointFormatError` for anything
     but a regular file and :class:`CheckpointError` when it cannot be opened.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        descriptor = os.open(path, flags)
+        descriptor = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise
     except OSError as exc:
