@@ -129,7 +129,7 @@ def run_schedule(
     jobs = [("save", i, delays) for i, delays in enumerate(writers)]
     jobs += [("read", i, delays) for i, delays in enumerate(readers)]
     for kind, number, delays in jobs:
-        plan = [(delay, float(100 * (number + 1) + step)) for step, delay in enumerate(delays)]
+        plan = [(delay, float(1000 * (number + 1) + step)) for step, delay in enumerate(delays)]
         log = logs / f"{kind}-{number}.jsonl"
         process = FORK.Process(target=_worker, args=(log, path, backend, kind, plan))
         process.start()
@@ -212,7 +212,7 @@ def test_restoring_while_another_process_saves_gets_the_old_or_the_new_checkpoin
     path = tmp_path / "run"
     save_value(path, backend, INITIAL)
     # The single file's window (between opening the file and reading its size) is short.
-    saves, reads = (80, 150) if backend == "safetensors" else (12, 25)
+    saves, reads = (150, 250) if backend == "safetensors" else (12, 25)
     events = run_schedule(
         path, backend, writers=[[0.0] * saves, [0.001] * saves], readers=[[0.0] * reads] * 2
     )
@@ -352,9 +352,7 @@ def test_a_fifo_or_device_in_place_of_a_checkpoint_file_is_refused_at_once(
     for call in (lambda: read_value(path), lambda: inspect_checkpoint(path)):
         outcome = _in_child(call, timeout=20)
         assert outcome.startswith("kdcore "), outcome
-    if backend != "safetensors":  # the single file is the path itself: nothing else to find
-        outcome = _in_child(lambda: read_value(path))
-        assert target.name in outcome or path.name in outcome, outcome
+    assert target.name in outcome, outcome
 
 
 # ============================================================== permissions and modes

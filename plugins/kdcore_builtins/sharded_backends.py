@@ -364,7 +364,7 @@ class ShardedSafetensorsBackend:
 
     def detect(self, path: Path) -> bool:
         if path.is_dir():  # a folder with an index, whatever it holds: open() says what is wrong
-            return (path / INDEX_NAME).is_file() and not _dcp_is_newer(path)
+            return (path / INDEX_NAME).exists() and not _dcp_is_newer(path)
         content = _peek_json(path)  # the index file itself
         return isinstance(content, dict) and isinstance(content.get("weight_map"), dict)
 
@@ -572,7 +572,7 @@ class DcpBackend:
     def detect(self, path: Path) -> bool:
         if not path.is_dir():
             return False
-        if (path / DCP_MARKER).is_file():  # kdcore's own marker, damaged or not: open() checks it
+        if (path / DCP_MARKER).exists():  # kdcore's own marker, damaged or not: open() checks it
             return True
         metadata = path / DCP_METADATA  # a bare DCP checkpoint: open() says what it lacks
         with contextlib.suppress(OSError, CheckpointError), open_regular(metadata) as file:
