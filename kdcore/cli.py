@@ -1,7 +1,8 @@
 """The ``kdcore`` command line.
 
 ``kdcore plugins`` lists what the installed plugins register, ``kdcore check CONFIG`` checks a
-config file before anything is built, ``kdcore inspect PATH`` prints a checkpoint's manifest.
+config file before anything is built (importing nothing it names unless ``--import``),
+``kdcore inspect PATH`` prints a checkpoint's manifest.
 Each subcommand is one
 ``_add_<name>_command(subparsers)`` function that sets ``handler``; handlers import what they
 need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (``check``,
@@ -11,7 +12,8 @@ need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (
 
     $ kdcore plugins
     $ kdcore plugins --json
-    $ kdcore check distill.toml --student mypkg.models:build_student
+    $ kdcore check distill.toml
+    $ kdcore check distill.toml --import --student mypkg.models:build_student
     $ kdcore inspect run.safetensors
 """
 
@@ -219,16 +221,33 @@ def _describe(obj: object) -> str:
 def _add_check_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "check",
-        help="check a config file and say what it would build",
+        help="check a config file and say what it would build (imports nothing it names)",
         description=(
             "Read a TOML, JSON or YAML config, check every key, type and plugin name without "
-            "building the teacher, and print what kd.convert would build. With --student, "
-            "also check the layer names against the student that the callable returns."
+            "building the teacher, and print what kd.convert would build. By default nothing "
+            "the file names is imported or called: 'module:qualname' references (teacher "
+            "factories, criterion and balancer classes) are checked for their form only and "
+            "listed as not imported; registered plugins (installed code) are checked, and "
+            "their criteria and balancers built. --import checks the references too, by "
+            "importing their modules and calling the classes the config names: their code "
+            "runs, so use it only on a config you trust. With --student, also check the layer "
+            "names against the student that the callable returns (it is imported and called)."
         ),
     )
     parser.add_argument("config", help="the config file (.toml, .json, .yaml)")
     parser.add_argument(
-        "--student", metavar="MODULE:CALLABLE", help="a function or class returning the student"
+        "--import",
+        dest="import_references",
+        action="store_true",
+        help=(
+            "also check the 'module:qualname' references: this imports the modules the config "
+            "names and calls the criterion and balancer classes it names (their code runs)"
+        ),
+    )
+    parser.add_argument(
+        "--student",
+        metavar="MODULE:CALLABLE",
+        help="a function or class returning the student (imported and called)",
     )
     parser.set_defaults(handler=_run_check)
 
@@ -240,11 +259,17 @@ def _run_check(args: argparse.Namespace) -> int:
     from kdcore.references import resolve
     from kdcore.training.config import TRAIN_TABLE, load_job
 
+    imports = args.import_references
+    if imports:
+        print(
+            f"{args.config}: --import: this imports the modules the config names and calls the "
+            "classes it names (their code runs)"
+        )
     train = None
     if TRAIN_TABLE in read_config_file(Path(args.config)):  # a kdcore distill job file
-        modes, train = load_job(args.config)
+        modes, train = load_job(args.config, imports=imports)
     else:
-        modes = load_config(args.config)
+        modes = load_config(args.config, imports=imports)
     student = None
     if args.student is not None:
         student = resolve(args.student, what="student factory")()
@@ -252,7 +277,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
         if not isinstance(student, torch.nn.Module):
             raise ConfigTypeError(f"--student {args.student} returned {type(student).__name__}")
-    for line in check(modes, student=student) if modes else []:
+    for line in check(modes, student=student, imports=imports) if modes else []:
         print(line)
     if train is not None:
         length = f"{train.epochs or 1} epochs" if train.steps is None else f"{train.steps} steps"
@@ -260,6 +285,11 @@ def _run_check(args: argparse.Namespace) -> int:
             f"[{TRAIN_TABLE}] {train.student} on {train.data}: {train.optimizer} "
             f"lr {train.learning_rate}, {length}, batch {train.batch_size}, {train.device}, "
             f"output {train.output}"
+        )
+    if not imports:
+        print(
+            "static check: nothing the config names was imported or called "
+            "(--import checks the references too, by running their code)"
         )
     print(f"{args.config}: ok")
     return 0

@@ -14,13 +14,25 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
-from kdcore.errors import ConfigError, ConfigTypeError, KDCoreError, did_you_mean
+from kdcore.errors import (
+    SHOWN_CHARACTERS,
+    ConfigError,
+    ConfigTypeError,
+    KDCoreError,
+    cut,
+    did_you_mean,
+    shown,
+)
 from kdcore.references import resolve
 from kdcore.registry import Registry
 
 T = TypeVar("T")
 
 PLUGIN_NAME_KEY = "name"
+
+#: The most values a mode's config may hold, counting a part shared by several places (or by
+#: itself) each time it appears: what a plugin's error message would render, and walk.
+MAX_CONFIG_VALUES = 1_000_000
 
 
 def _strict_scalar(kind: type, accepted: tuple[type, ...]) -> Any:
@@ -29,8 +41,12 @@ def _strict_scalar(kind: type, accepted: tuple[type, ...]) -> Any:
         if isinstance(value, bool) and kind is not bool:
             raise TypeError(f"expected {kind.__name__}, got a bool ({value!r})")
         if not isinstance(value, accepted):
-            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} ({value!r})")
-        return kind(value)
+            got = f"{type(value).__name__} ({shown(value)})"
+            raise TypeError(f"expected {kind.__name__}, got {got}")
+        try:
+            return kind(value)
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"{shown(value)} is out of range for a {kind.__name__}") from None
 
     return structure
 
@@ -60,6 +76,35 @@ def structure(data: Any, cls: type[T], *, path: str) -> T:
         return converter.structure(dict(data), cls)
     except Exception as exc:
         raise _config_error(exc, cls, path) from None
+
+
+def check_size(data: Any, *, path: str) -> None:
+    """Refuse ``data`` if, expanded, it holds more than :data:`MAX_CONFIG_VALUES` values.
+
+    A few nested lists that share their items (``[x] * 10`` thirty times: an alias bomb built in
+    Python) stand for more values than any message could show or any check could walk. Stops
+    as soon as the limit is passed.
+    """
+    count = 0
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Mapping):
+            items: Any = [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        elif attrs.has(type(value)):  # a config class instance
+            items = [getattr(value, field.name) for field in attrs.fields(type(value))]
+        else:
+            continue
+        count += len(items)
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"holds more than {MAX_CONFIG_VALUES:,} values (a part shared by several places "
+                "counts each time)",
+                path=path,
+            )
+        stack.extend(item for item in items if not isinstance(item, (str, bytes, int, float)))
 
 
 def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
@@ -127,9 +172,12 @@ def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -
         return factory(**kwargs)
     except KDCoreError as exc:
         raise _at_path(exc, path) from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int too large for float
         error = ConfigTypeError if isinstance(exc, TypeError) else ConfigError
-        raise error(f"{registry.kind} {name!r} refused its arguments: {exc}", path=path) from exc
+        message = cut(str(exc), 5 * SHOWN_CHARACTERS)  # the plugin may show a huge value
+        raise error(
+            f"{registry.kind} {name!r} refused its arguments: {message}", path=path
+        ) from exc
 
 
 def _at_path(exc: KDCoreError, path: str) -> KDCoreError:

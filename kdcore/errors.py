@@ -8,7 +8,12 @@ Each subclasses the built-in exception users already catch for that kind of mist
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import itertools
+import reprlib
+from collections.abc import Iterable, Mapping
+
+#: At most this many characters of one value go into a message or a description.
+SHOWN_CHARACTERS = 200
 
 
 class KDCoreError(Exception):
@@ -68,3 +73,59 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """A "; did you mean 'x'?" suffix, or "" when nothing is close."""
     match = closest(name, candidates)
     return f"; did you mean {match!r}?" if match is not None else ""
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` that stops after a few items per container and a few levels, so that rendering
+    a config with a huge or shared structure (a YAML alias bomb built in Python) costs little."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 4
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = 8
+        self.maxdict = 8
+        self.maxstring = self.maxother = SHOWN_CHARACTERS
+        self.maxlong = 60
+
+    def repr_dict(self, x: Mapping[object, object], level: int) -> str:
+        # reprlib sorts the keys (all of them, first); a config reads best in its own order.
+        if not x:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        pieces = [
+            f"{self.repr1(key, level - 1)}: {self.repr1(value, level - 1)}"
+            for key, value in itertools.islice(x.items(), self.maxdict)
+        ]
+        return "{" + ", ".join(pieces + (["..."] if len(x) > self.maxdict else [])) + "}"
+
+    def repr_instance(self, x: object, level: int) -> str:
+        if isinstance(x, Mapping):  # other mappings than dict: bounded too
+            return self.repr_dict(x, level)
+        if isinstance(x, list):
+            return self.repr_list(x, level)
+        if isinstance(x, tuple):
+            return self.repr_tuple(x, level)
+        return super().repr_instance(x, level)
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # more digits than int -> str converts
+            return f"<int of {x.bit_length():,} bits>"
+
+
+_bounded_repr = _BoundedRepr()
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to about :data:`SHOWN_CHARACTERS`, however large or deep ``value`` is.
+
+    Every value from a config that goes into a message or a description goes through this.
+    """
+    return cut(_bounded_repr.repr(value))
+
+
+def cut(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text`` (a config path, a plugin's message) cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -6,17 +6,19 @@ method; ``kd.convert(model, [("kd_loss", config)])`` looks ``"kd_loss"`` up in t
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from kdcore.converter import structure
-from kdcore.errors import ConfigError, ConfigTypeError
+from kdcore.converter import check_size, structure
+from kdcore.errors import ConfigError, ConfigTypeError, shown
 from kdcore.model import is_distillation_model
 from kdcore.plugin_manager import registries
 from kdcore.record import record_mode
+from kdcore.references import not_resolving
 
 EXPORT_MODE = "export_student"
 
@@ -77,15 +79,26 @@ def convert(model: nn.Module, mode: ModeSpec) -> nn.Module:
     return model
 
 
-def check(mode: ModeSpec, *, student: nn.Module | None = None) -> list[str]:
+def check(mode: ModeSpec, *, student: nn.Module | None = None, imports: bool = True) -> list[str]:
     """Check ``mode`` as ``convert`` would, without building teachers; describe each step.
 
     With ``student``, layer names are checked against it too (the student is not changed).
+    ``imports=True`` imports the modules that ``"module:qualname"`` references name (running
+    their code) and builds criteria and balancers named that way. ``imports=False`` imports
+    and calls nothing a reference names: references are checked for their form only and
+    listed at the end of the description; registered plugins are still checked (and criteria
+    and balancers built: they are installed code).
     """
     lines = []
-    for index, step in enumerate(_mode_steps(mode)):
-        name, mode_impl, config = _prepare(step, index)
-        lines.extend(mode_impl.describe(config, path=name, student=student))
+    resolving: contextlib.AbstractContextManager[list[str]] = (
+        contextlib.nullcontext([]) if imports else not_resolving()
+    )
+    with resolving as skipped:
+        for index, step in enumerate(_mode_steps(mode)):
+            name, mode_impl, config = _prepare(step, index)
+            lines.extend(mode_impl.describe(config, path=name, student=student))
+    if not imports:
+        lines.append(f"not imported, not called: {', '.join(skipped) or 'nothing named'}")
     return lines
 
 
@@ -162,7 +175,7 @@ def _mode_steps(mode: ModeSpec) -> list[tuple[str, Any]]:
         return [(mode, None)]
     if not isinstance(mode, Sequence) or isinstance(mode, (bytes, bytearray)) or not mode:
         raise ConfigTypeError(
-            f"mode must be a name or a non-empty list of (name, config) pairs, got {mode!r}",
+            f"mode must be a name or a non-empty list of (name, config) pairs, got {shown(mode)}",
             path="mode",
         )
     steps = []
@@ -173,7 +186,7 @@ def _mode_steps(mode: ModeSpec) -> list[tuple[str, Any]]:
             steps.append((step[0], step[1]))
         else:
             raise ConfigTypeError(
-                f"expected a mode name or a (name, config) pair, got {step!r}",
+                f"expected a mode name or a (name, config) pair, got {shown(step)}",
                 path=f"mode[{index}]",
             )
     return steps
@@ -186,11 +199,12 @@ def _prepare(step: tuple[str, Any], index: int) -> tuple[str, Mode, Any]:
     config_class = mode_impl.config_class
     if config_class is None:
         if raw_config not in (None, {}):
-            raise ConfigError(f"mode {name!r} takes no config, got {raw_config!r}", path=name)
+            raise ConfigError(f"mode {name!r} takes no config, got {shown(raw_config)}", path=name)
         return name, mode_impl, None
     if raw_config is None:
         raise ConfigError(
             f"mode {name!r} needs a config ({config_class.__name__}); pass [({name!r}, {{...}})]",
             path=name,
         )
+    check_size(raw_config, path=name)  # before any plugin walks or renders it
     return name, mode_impl, structure(raw_config, config_class, path=name)

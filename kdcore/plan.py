@@ -17,8 +17,16 @@ from torch import nn
 from kdcore.balancer import DistillationLossBalancer
 from kdcore.config import KDLossConfig
 from kdcore.converter import instantiate, is_plugin_ref
-from kdcore.errors import ConfigError, ConfigTypeError, UnknownLayerError, closest, did_you_mean
+from kdcore.errors import (
+    ConfigError,
+    ConfigTypeError,
+    UnknownLayerError,
+    closest,
+    did_you_mean,
+    shown,
+)
 from kdcore.plugin_manager import registries
+from kdcore.references import NotResolvedError
 from kdcore.teacher import (
     TeacherEnsemble,
     build_teacher,
@@ -61,7 +69,7 @@ def plan_distillation(
     """Resolve and check ``config`` against ``student``; raises before anything is changed."""
     if not isinstance(config.expose_minimal_state_dict, bool):
         raise ConfigTypeError(
-            f"expected a bool, got {config.expose_minimal_state_dict!r}",
+            f"expected a bool, got {shown(config.expose_minimal_state_dict)}",
             path=f"{path}.expose_minimal_state_dict",
         )
     raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
@@ -96,7 +104,9 @@ def plan_distillation(
                 _canonical(student_layer),
                 _canonical(teacher_layer),
                 loss,
-                key=_loss_key(loss, index, isinstance(teacher, TeacherEnsemble), teacher_layer),
+                key=_loss_key(
+                    loss_name(loss), index, isinstance(teacher, TeacherEnsemble), teacher_layer
+                ),
                 accepted_kwargs=_accepted_kwargs(loss),
             )
         )
@@ -128,14 +138,22 @@ def describe_distillation(
             raise ConfigError("this mode pairs layers explicitly", path=entry_path)
         if student is not None:
             _check_layer(student, student_layer, "student", f"{entry_path}.student")
-        built = _build_loss(loss, path=loss_path)
-        keys.append(_loss_key(built, index, ensemble, teacher_layer))
+        try:
+            built = _build_loss(loss, path=loss_path)
+            name, described = loss_name(built), shown(built)
+        except NotResolvedError as exc:  # kd.check(imports=False): a class the config names
+            name = exc.reference.rpartition(":")[2].rpartition(".")[2]  # the key it would give
+            described = f"{exc.what} {exc.reference!r} (not imported)"
+        keys.append(_loss_key(name, index, ensemble, teacher_layer))
         lines.append(
-            f"  {keys[-1]}: student {student_layer or '<output>'!r} <- teacher "
-            f"{teacher_layer or '<output>'!r}: {built!r}"
+            f"  {keys[-1]}: student {shown(student_layer or '<output>')} <- teacher "
+            f"{shown(teacher_layer or '<output>')}: {described}"
         )
-    balancer = _balancer_for(keys, config.loss_balancer, path=path)
-    lines.append(f"  loss balancer: {balancer!r}")
+    try:
+        described = shown(_balancer_for(keys, config.loss_balancer, path=path))
+    except NotResolvedError as exc:
+        described = f"{exc.what} {exc.reference!r} (not imported)"
+    lines.append(f"  loss balancer: {described}")
     lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")
     return lines
 
@@ -157,10 +175,10 @@ def _balancer_for(keys: list[str], spec: Any, *, path: str) -> DistillationLossB
     return balancer
 
 
-def _loss_key(loss: Callable[..., Any], index: int, ensemble: bool, layer: str) -> str:
+def _loss_key(name: str, index: int, ensemble: bool, layer: str) -> str:
     if ensemble:  # the key says which teacher the loss came from
-        return f"{loss_name(loss)}_{layer.split('.')[0].split(':')[0]}_{index}"
-    return f"{loss_name(loss)}_{index}"
+        return f"{name}_{layer.split('.')[0].split(':')[0]}_{index}"
+    return f"{name}_{index}"
 
 
 def _canonical(spec: str) -> str:
@@ -206,7 +224,8 @@ def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any
                 and all(isinstance(n, str) for n in layers)
             ):
                 raise ConfigTypeError(
-                    f"keys must be (student_layer, teacher_layer) tuples of strings, got {layers!r}"
+                    "keys must be (student_layer, teacher_layer) tuples of strings, "
+                    f"got {shown(layers)}"
                     + ("; a plugin mapping needs a 'name' key" if isinstance(layers, str) else ""),
                     path=entry_path,
                 )

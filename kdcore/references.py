@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from kdcore.errors import ConfigError, KDCoreError, did_you_mean
+from kdcore.errors import ConfigError, KDCoreError, did_you_mean, shown
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,17 +104,19 @@ def restoring(policy: TrustPolicy) -> Iterator[None]:
 def resolve(reference: str, *, what: str) -> Any:
     """Import and return the object ``reference`` (``"package.module:qualname"``) names."""
     if not isinstance(reference, str) or reference.count(":") != 1:
-        raise ConfigError(f"{what} must look like 'package.module:name', got {reference!r}")
+        raise ConfigError(f"{what} must look like 'package.module:name', got {shown(reference)}")
     module_name, qualname = reference.split(":")
+    if _not_resolving.get() is not None:  # kd.check(imports=False): check the form, import nothing
+        raise _not_resolved(reference, what)
     policy = _policy.get()
     if policy is None or reference in policy.trusted:
         return _import(module_name, qualname, reference, what=what)
     obj = _find_imported(module_name, qualname, reference, what=what)
     if not policy.allows(reference, obj):
         raise UntrustedReferenceError(
-            f"the checkpoint names {what} {reference!r}, which is not an nn.Module class, not "
+            f"the checkpoint names {what} {shown(reference)}, which is not an nn.Module class, not "
             "registered by a plugin and not marked @kd.teacher_factory; kdcore will not call it. "
-            f"If you trust this file, pass trust=[{reference!r}] to kd.restore"
+            f"If you trust this file, pass trust=[{shown(reference)}] to kd.restore"
         )
     return obj
 
@@ -124,12 +126,12 @@ def _import(module_name: str, qualname: str, reference: str, *, what: str) -> An
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r} for {what} {reference!r}: {exc}") from exc
+        raise ConfigError(f"cannot import {shown(module_name)} for {what} {shown(reference)}: {exc}") from exc
     for part in qualname.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             raise ConfigError(
-                f"{what} {reference!r}: {part!r} not found{did_you_mean(part, names)}"
+                f"{what} {shown(reference)}: {part!r} not found{did_you_mean(part, names)}"
             )
         obj = getattr(obj, part)
     return obj
@@ -140,9 +142,9 @@ def _find_imported(module_name: str, qualname: str, reference: str, *, what: str
     obj = sys.modules.get(module_name)
     if obj is None:
         raise UntrustedReferenceError(
-            f"the checkpoint names {what} {reference!r}, whose module {module_name!r} is not "
+            f"the checkpoint names {what} {shown(reference)}, whose module {shown(module_name)} is not "
             f"imported; kdcore does not import code a file names. Import {module_name} first, "
-            f"or pass trust=[{reference!r}] to kd.restore"
+            f"or pass trust=[{shown(reference)}] to kd.restore"
         )
     parts = qualname.split(".")
     for depth, part in enumerate(parts):
@@ -151,10 +153,10 @@ def _find_imported(module_name: str, qualname: str, reference: str, *, what: str
         except AttributeError:
             owner = f"{module_name}:{'.'.join(parts[:depth])}" if depth else module_name
             raise UntrustedReferenceError(
-                f"the checkpoint names {what} {reference!r}, but {owner!r} has no attribute "
+                f"the checkpoint names {what} {shown(reference)}, but {owner!r} has no attribute "
                 f"{part!r} yet; getting it could import or run code (a lazy module attribute), "
                 "and kdcore does not do that for a file. Import the code that defines it first, "
-                f"or pass trust=[{reference!r}] to kd.restore"
+                f"or pass trust=[{shown(reference)}] to kd.restore"
             ) from None
     return obj
 
@@ -179,3 +181,42 @@ def _static_attribute(obj: Any, name: str) -> Any:
         owner = obj if isinstance(obj, type) else type(obj)
         return types.MethodType(value.__func__, owner)
     return value
+
+
+class NotResolvedError(KDCoreError):
+    """:func:`resolve` inside :func:`not_resolving`: the reference was checked, not imported."""
+
+    def __init__(self, reference: str, what: str) -> None:
+        self.reference = reference
+        self.what = what
+        super().__init__(f"{what} {shown(reference)} was not imported (checked with imports=False)")
+
+
+_not_resolving: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "kdcore_not_resolving", default=None
+)
+
+
+@contextlib.contextmanager
+def not_resolving() -> Iterator[list[str]]:
+    """Inside the block, :func:`resolve` imports and returns nothing: it checks the form of the
+    reference, adds ``"<what> '<reference>'"`` to the list this yields and raises
+    :class:`NotResolvedError`, which the checks that can do without the object catch."""
+    skipped: list[str] = []
+    token = _not_resolving.set(skipped)
+    try:
+        yield skipped
+    finally:
+        _not_resolving.reset(token)
+
+
+def _not_resolved(reference: str, what: str) -> NotResolvedError:
+    module_name, qualname = reference.split(":")
+    if not all(part.isidentifier() for part in module_name.split(".")) or not all(
+        part.isidentifier() for part in qualname.split(".")
+    ):
+        raise ConfigError(f"{what} must look like 'package.module:name', got {shown(reference)}")
+    skipped = _not_resolving.get()
+    if skipped is not None and f"{what} {shown(reference)}" not in skipped:
+        skipped.append(f"{what} {shown(reference)}")
+    return NotResolvedError(reference, what)

@@ -8,8 +8,9 @@ from typing import Any
 from torch import nn
 
 from kdcore.converter import check_kwargs, instantiate, is_plugin_ref
-from kdcore.errors import ConfigError, ConfigTypeError
+from kdcore.errors import ConfigError, ConfigTypeError, shown
 from kdcore.plugin_manager import registries
+from kdcore.references import NotResolvedError
 
 SPEC_FORMS = (
     "an nn.Module, a class or callable returning one, a tuple (fn,), (fn, args) or "
@@ -40,7 +41,7 @@ def ensemble_items(spec: Mapping[Any, Any], *, path: str) -> list[tuple[str, Any
     for key in spec:
         if not isinstance(key, str) or not key.isidentifier():
             raise ConfigError(
-                f"teacher keys must be identifiers (they prefix layer names), got {key!r}; "
+                f"teacher keys must be identifiers (they prefix layer names), got {shown(key)}; "
                 "a teacher-loader mapping needs a 'name' key",
                 path=path,
             )
@@ -69,7 +70,7 @@ def build_teacher(spec: Any, *, path: str) -> nn.Module:
         fn, args, kwargs = spec, (), {}
     else:
         raise ConfigTypeError(f"got {type(spec).__name__}; expected {SPEC_FORMS}", path=path)
-    name = getattr(fn, "__qualname__", repr(fn))
+    name = getattr(fn, "__qualname__", None) or shown(fn)
     return _checked(fn(*args, **kwargs), name, path)
 
 
@@ -91,9 +92,11 @@ def check_teacher_spec(spec: Any, *, path: str) -> str:
         if validate is not None:
             try:
                 validate(**kwargs)
+            except NotResolvedError:  # kd.check(imports=False): what it names is not imported
+                pass
             except ConfigError as exc:
                 raise ConfigError(str(exc), path=path) from None
-        return f"teacher loader {name!r} with {kwargs}"
+        return f"teacher loader {shown(name)} with {shown(kwargs)}"
     if spec is None:
         raise ConfigError("is required: " + SPEC_FORMS, path=path)
     fn, args, kwargs = (
@@ -101,7 +104,8 @@ def check_teacher_spec(spec: Any, *, path: str) -> str:
     )
     if not callable(fn):
         raise ConfigTypeError(f"got {type(spec).__name__}; expected {SPEC_FORMS}", path=path)
-    return f"{getattr(fn, '__qualname__', fn)}(*{list(args)}, **{kwargs})"
+    name = getattr(fn, "__qualname__", None) or shown(fn)
+    return f"{name}(*{shown(list(args))}, **{shown(kwargs)})"
 
 
 def unpack_spec_tuple(spec: tuple[Any, ...], *, path: str) -> tuple[Any, Any, Any]:

@@ -114,10 +114,11 @@ def check_train(config: TrainConfig, *, path: str = TRAIN_TABLE) -> None:
 
 
 def load_job(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], *, imports: bool = True
 ) -> tuple[list[tuple[str, dict[str, Any]]], TrainConfig]:
-    """Read a job file: its mode tables (checked as :func:`kdcore.load_config` does) and its
-    ``[train]`` table. Nothing is built; errors name the file and the path inside it."""
+    """Read a job file: its mode tables (checked as :func:`kdcore.load_config` does, with
+    ``imports``) and its ``[train]`` table. Nothing is built; errors name the file and the path
+    inside it."""
     from kdcore.balancer import StudentLossWeightWarning
     from kdcore.config_files import read_config_file
     from kdcore.errors import ConfigTypeError
@@ -141,7 +142,7 @@ def load_job(
             with warnings.catch_warnings():
                 # The loop always passes student_loss, which is what this reminder asks for.
                 warnings.simplefilter("ignore", StudentLossWeightWarning)
-                check(modes)
+                check(modes, imports=imports)
     except KDCoreError as exc:
         exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
         raise
