@@ -126,7 +126,9 @@ def _import(module_name: str, qualname: str, reference: str, *, what: str) -> An
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {shown(module_name)} for {what} {shown(reference)}: {exc}") from exc
+        raise ConfigError(
+            f"cannot import {shown(module_name)} for {what} {shown(reference)}: {exc}"
+        ) from exc
     for part in qualname.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
@@ -142,8 +144,8 @@ def _find_imported(module_name: str, qualname: str, reference: str, *, what: str
     obj = sys.modules.get(module_name)
     if obj is None:
         raise UntrustedReferenceError(
-            f"the checkpoint names {what} {shown(reference)}, whose module {shown(module_name)} is not "
-            f"imported; kdcore does not import code a file names. Import {module_name} first, "
+            f"the checkpoint names {what} {shown(reference)}, whose module {shown(module_name)} "
+            f"is not imported; kdcore does not import code a file names. Import it first, "
             f"or pass trust=[{shown(reference)}] to kd.restore"
         )
     parts = qualname.split(".")

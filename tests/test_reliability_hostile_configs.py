@@ -80,7 +80,8 @@ def test_check_by_default_imports_and_calls_nothing_the_config_names(tmp_path: P
         print("STATUS", status, "FOREIGN", foreign, "EVIL", "evil_factory" in sys.modules)
         """
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]]))
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *inherited]))
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,

@@ -22,6 +22,7 @@ from typing import IO, Any
 import torch
 
 from kdcore.checkpoint import CheckpointError, CheckpointFormatError, TensorInfo, open_regular
+from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -215,20 +216,6 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._file.close()
-
-
-class DuplicateKeyError(ValueError):
-    """A JSON object repeats a key (``json`` would silently keep the last)."""
-
-
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for ``json.loads`` that refuses repeated keys."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise DuplicateKeyError(key)
-        result[key] = value
-    return result
 
 
 def looks_like_safetensors(path: Path) -> bool:

@@ -77,6 +77,7 @@ from kdcore.checkpoint import (
     fsync_folder,
     open_regular,
 )
+from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
 from kdcore_builtins import safetensors_format
 
 MANIFEST_KEY = "kdcore"
@@ -193,8 +194,8 @@ def _read_json(path: Path, what: str, file: IO[bytes]) -> Any:
         raise CheckpointFormatError(path, f"{what} is {size} bytes, more than {MAX_JSON_BYTES}")
     try:
         text = file.read(size)  # (read(MAX) would allocate MAX bytes up front)
-        return json.loads(text, object_pairs_hook=safetensors_format.no_duplicate_keys)
-    except safetensors_format.DuplicateKeyError as exc:
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
+    except DuplicateKeyError as exc:
         raise CheckpointFormatError(path, f"duplicate key {exc.args[0]!r} in the {what}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointFormatError(path, f"{what} is not valid JSON ({exc})") from None
