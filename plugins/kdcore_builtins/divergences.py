@@ -40,6 +40,18 @@ columns); ``"mask"`` keeps the student's softmax over all its columns and gives 
 probability on columns it lacks (the student learns to leave padding tokens empty), while teacher
 columns the student lacks are dropped. Differences larger than ``max_vocab_padding`` columns are
 refused either way, naming both sizes: those are different tokenizers, not padding.
+
+Masked classes. A logit of -inf (on either side, in the chunked and the fused losses) gives its
+class probability 0, and each divergence takes its value with 0 log 0 = 0: a class masked on
+both sides adds nothing, and a masked student class gets gradient 0. JSD (0 < beta < 1), skew
+KL, skew reverse KL and TVD are then always finite (a mixture has mass wherever either side
+has). A KL is +inf where it weighs a class the other side masks: forward KL (and top-k KL,
+JSD with beta = 0, skew KL with alpha = 0) where the student masks a class the teacher keeps,
+reverse KL (JSD with beta = 1, skew reverse KL with alpha = 0) where the teacher masks one the
+student keeps. That row's loss is +inf, never NaN, and its gradient stays finite: the limit
+``p - q`` for the forward kinds, 0 for the reverse KL (whose gradient grows without bound). A
+row with every logit of one side -inf (or any NaN or +inf logit) has no distribution: its loss
+and gradient are NaN; leave such positions out with ``labels``/``ignore_index``.
 """
 
 from __future__ import annotations
@@ -137,6 +149,14 @@ def check_divergence(divergence: Any) -> str:
 # dtype, both free to overwrite) and their row log-sum-exps (A, B) into the divergence of each row
 # and/or its gradient with respect to ``a``. ``tw`` is the number of real teacher columns; columns
 # past it are padding with zero teacher probability (vocab_alignment="mask").
+#
+# Masked classes. A logit of -inf gives its class probability 0, and log-probabilities of -inf
+# make 0 * inf and inf - inf (NaN) where the definitions, with 0 log 0 = 0, have a limit: each
+# kernel computes that limit (see "Masked classes" in the module docstring). The repairs are
+# in-place passes over a chunk (no [c, W] allocation), so unmasked inputs cost next to nothing
+# more. A row without a finite log-sum-exp on one side (every logit -inf, or a NaN or +inf logit)
+# has no distribution: :func:`_run_kernel` makes its loss and gradient NaN whatever the kernel's
+# repairs did with it, so that they never hide a NaN.
 class _Kernel:
     name = ""
     #: finite when the teacher gives zero probability to columns where the student has mass
@@ -155,6 +175,19 @@ class _Kernel:
         raise NotImplementedError
 
 
+def _zero_where_nan_(terms: torch.Tensor) -> torch.Tensor:
+    """``terms`` with NaN set to 0, in place: the 0 * inf and inf - inf of a masked class, whose
+    limit is 0 (0 log 0 = 0). Infinities stay: a term that is +inf makes the divergence +inf."""
+    return terms.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def _floor_(log_probs: torch.Tensor) -> torch.Tensor:
+    """``log_probs`` with -inf raised to the lowest finite value, in place: the probability stays
+    exactly 0 and every difference and product stays finite (0 * finite = 0). For divergences
+    that are finite whatever is masked (a mixture has mass wherever either side has)."""
+    return log_probs.clamp_(min=torch.finfo(log_probs.dtype).min)
+
+
 def _softmax_jacobian(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``d/da`` of a loss whose gradient with respect to ``p = softmax(a)`` is ``g`` (in place)."""
     dot = (p * g).sum(-1, keepdim=True)
@@ -162,20 +195,28 @@ def _softmax_jacobian(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 class _ForwardKL(_Kernel):
-    """KL(q || p) = sum q (log q - log p); d/da = p - q."""
+    """KL(q || p) = sum q (log q - log p); d/da = p - q.
+
+    A class the teacher masks adds 0; one the student masks while the teacher keeps it makes the
+    row +inf, where the gradient p - q stays finite (its limit).
+    """
 
     name = "forward KL"
 
     def __call__(self, a, b, A, B, tw, want_loss, want_grad):  # type: ignore[no-untyped-def]
         lp, lq = a.sub_(A[:, None]), b.sub_(B[:, None])
         q = torch.exp(lq)
-        loss = torch.sub(lq, lp).mul_(q).sum(-1) if want_loss else None
+        loss = _zero_where_nan_(torch.sub(lq, lp).mul_(q)).sum(-1) if want_loss else None
         grad = lp.exp_().sub_(q) if want_grad else None
         return loss, grad
 
 
 class _ReverseKL(_Kernel):
-    """KL(p || q) = sum p (log p - log q); d/da = p (log p - log q - KL)."""
+    """KL(p || q) = sum p (log p - log q); d/da = p (log p - log q - KL).
+
+    A class the student masks adds 0 (and gets gradient 0); one the teacher masks while the
+    student keeps it makes the row +inf, where the gradient has no finite limit: it is 0.
+    """
 
     name = "reverse KL"
     zero_teacher_mass_ok = False
@@ -183,9 +224,12 @@ class _ReverseKL(_Kernel):
     def __call__(self, a, b, A, B, tw, want_loss, want_grad):  # type: ignore[no-untyped-def]
         lp, lq = a.sub_(A[:, None]), b.sub_(B[:, None])
         p = torch.exp(lp)
-        ratio = lp.sub_(lq)  # log p - log q
+        # log p - log q; -inf or NaN only where the student masks the class (p = 0): 0 there.
+        ratio = lp.sub_(lq).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0)
         loss = (p * ratio).sum(-1)
-        grad = ratio.sub_(loss[:, None]).mul_(p) if want_grad else None
+        grad = None
+        if want_grad:
+            grad = ratio.sub_(loss[:, None]).mul_(p).masked_fill_(loss.isposinf()[:, None], 0.0)
         return loss, grad
 
 
@@ -193,6 +237,7 @@ class _JSD(_Kernel):
     """Generalised JSD: beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p.
 
     d/dp = (1 - beta) (log p - log m), so d/da = (1 - beta) p (u - sum p u), u = log p - log m.
+    Finite whatever either side masks.
     """
 
     name = "generalised JSD"
@@ -203,7 +248,7 @@ class _JSD(_Kernel):
 
     def __call__(self, a, b, A, B, tw, want_loss, want_grad):  # type: ignore[no-untyped-def]
         beta = self.beta
-        lp, lq = a.sub_(A[:, None]), b.sub_(B[:, None])
+        lp, lq = _floor_(a.sub_(A[:, None])), _floor_(b.sub_(B[:, None]))
         lm = torch.add(lq, self.log_beta)
         torch.logaddexp(lm, lp + self.log_rest, out=lm)
         p = torch.exp(lp)
@@ -221,6 +266,7 @@ class _SkewKL(_Kernel):
     """Skew KL (Ko et al., 2024): KL(q || m), m = alpha q + (1 - alpha) p.
 
     d/dp = -(1 - alpha) q / m, so d/da = p sum v - v, v = q (1 - alpha) p / m.
+    Finite whatever either side masks.
     """
 
     name = "skew KL"
@@ -229,7 +275,7 @@ class _SkewKL(_Kernel):
         self.log_alpha, self.log_rest = math.log(alpha), math.log1p(-alpha)
 
     def __call__(self, a, b, A, B, tw, want_loss, want_grad):  # type: ignore[no-untyped-def]
-        lp, lq = a.sub_(A[:, None]), b.sub_(B[:, None])
+        lp, lq = _floor_(a.sub_(A[:, None])), _floor_(b.sub_(B[:, None]))
         lm = torch.add(lp, self.log_rest)
         torch.logaddexp(lm, lq + self.log_alpha, out=lm)
         q = torch.exp(lq)
@@ -246,6 +292,7 @@ class _SkewReverseKL(_Kernel):
     """Skew reverse KL (Ko et al., 2024): KL(p || m), m = alpha p + (1 - alpha) q.
 
     d/dp = log p - log m + 1 - alpha p / m; constants vanish through the softmax.
+    Finite whatever either side masks.
     """
 
     name = "skew reverse KL"
@@ -255,7 +302,7 @@ class _SkewReverseKL(_Kernel):
         self.log_alpha, self.log_rest = math.log(alpha), math.log1p(-alpha)
 
     def __call__(self, a, b, A, B, tw, want_loss, want_grad):  # type: ignore[no-untyped-def]
-        lp, lq = a.sub_(A[:, None]), b.sub_(B[:, None])
+        lp, lq = _floor_(a.sub_(A[:, None])), _floor_(b.sub_(B[:, None]))
         lm = torch.add(lq, self.log_rest)
         torch.logaddexp(lm, lp + self.log_alpha, out=lm)
         p = torch.exp(lp)
@@ -287,6 +334,11 @@ class _TopKKL(_Kernel):
     Without a tail bucket both distributions are renormalised over those k classes; with one,
     the distributions are over k + 1 outcomes: the k classes (full-softmax probabilities) and a
     bucket holding the rest of each side's mass.
+
+    Classes the teacher masks are never among its top k: with fewer than k classes kept, masked
+    ones fill the top k (tied at -inf, picked arbitrarily), so without a tail bucket they are
+    left out of both sides; with one, they add 0 wherever they land. A class the student masks
+    where the teacher has mass (in the top k, or in a tail with mass) makes the row +inf.
     """
 
     name = "top-k KL"
@@ -298,10 +350,13 @@ class _TopKKL(_Kernel):
         top = b[:, :tw].topk(self.k, dim=-1, sorted=False).indices
         a_top, b_top = a.gather(-1, top), b.gather(-1, top)
         if not self.tail_bucket:
-            lp_top = torch.log_softmax(a_top, dim=-1)
+            a_top.masked_fill_(b_top.isneginf(), -math.inf)
             lq_top = torch.log_softmax(b_top, dim=-1)
+            # Floored: when the student masks every kept class, lp_top is -inf (the row +inf),
+            # not -inf - -inf.
+            lp_top = a_top.sub_(_floor_(torch.logsumexp(a_top, -1))[:, None])
             q_top = lq_top.exp()
-            loss = (q_top * (lq_top - lp_top)).sum(-1) if want_loss else None
+            loss = _zero_where_nan_(q_top * (lq_top - lp_top)).sum(-1) if want_loss else None
             grad = None
             if want_grad:
                 grad = a.zero_().scatter_(-1, top, lp_top.exp_().sub_(q_top))
@@ -316,13 +371,14 @@ class _TopKKL(_Kernel):
         loss = None
         if want_loss:
             tail = torch.where(q_tail > 0, q_tail * (lq_tail - lp_tail), 0.0)
-            loss = (q_top * (lq_top - lp_top)).sum(-1).add_(tail)
+            loss = _zero_where_nan_(q_top * (lq_top - lp_top)).sum(-1).add_(tail)
         grad = None
         if want_grad:
-            # d/da_j = p_j - q_j inside the top k, p_j - q_tail p_j / p_tail outside.
+            # d/da_j = p_j - q_j inside the top k, p_j - q_tail p_j / p_tail outside (0 there
+            # when the student masks the whole tail: a_rest floored; the top k is overwritten).
             scale = torch.where(q_tail > 0, q_tail, 0.0)[:, None]
             grad = torch.sub(a, A[:, None]).exp_()
-            grad.sub_(a.sub_(a_rest[:, None]).exp_().mul_(scale))
+            grad.sub_(a.sub_(_floor_(a_rest)[:, None]).exp_().mul_(scale))
             grad.scatter_(-1, top, lp_top.exp_().sub_(q_top))
         return loss, grad
 
@@ -425,6 +481,26 @@ class _Spec:
         return a, b
 
 
+def _run_kernel(
+    spec: _Spec,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    want_loss: bool,
+    want_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``spec.kernel`` on one chunk; rows without a finite log-sum-exp on either side come out
+    NaN, loss and gradient, whatever the kernel's handling of masked classes made of them."""
+    loss, grad = spec.kernel(a, b, A, B, spec.teacher_width, want_loss, want_grad)
+    undefined = torch.mul(A, 0.0).add_(torch.mul(B, 0.0))  # 0, or NaN where A or B is not finite
+    if loss is not None:
+        loss.add_(undefined)
+    if grad is not None:
+        grad.add_(undefined[:, None])
+    return loss, grad
+
+
 def _kept_count(rows: torch.Tensor | None, student: torch.Tensor) -> int:
     return int(rows.numel()) if rows is not None else math.prod(student.shape[:-1])
 
@@ -452,7 +528,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         if ctx.eager:  # one chunk: its gradient (at most CHUNK_ELEMENTS) now, not recomputed
             a, b = spec.load(student_rows, teacher_rows, rows, 0, count)
             A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-            losses, g = spec.kernel(a, b, A, B, spec.teacher_width, True, True)
+            losses, g = _run_kernel(spec, a, b, A, B, True, True)
             assert losses is not None
             ctx.save_for_backward(student, rows, g)
             return losses
@@ -463,7 +539,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             a, b = spec.load(student_rows, teacher_rows, rows, start, stop)
             A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
             stats[0, start:stop], stats[1, start:stop] = A, B
-            loss, _ = spec.kernel(a, b, A, B, spec.teacher_width, True, False)
+            loss, _ = _run_kernel(spec, a, b, A, B, True, False)
             assert loss is not None
             losses[start:stop] = loss
         ctx.save_for_backward(student, teacher, rows, stats)
@@ -499,7 +575,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             stop = min(start + spec.chunk_rows, count)
             a, b = spec.load(student_rows, teacher_rows, rows, start, stop)
             A, B = stats[0, start:stop], stats[1, start:stop]
-            _, g = spec.kernel(a, b, A, B, spec.teacher_width, False, True)
+            _, g = _run_kernel(spec, a, b, A, B, False, True)
             assert g is not None
             g.mul_(weights[start:stop, None])
             if rows is None:
@@ -723,14 +799,21 @@ def _small_forward_kl(
     log_p = F.log_softmax(student / temperature, dim=-1)
     q = F.softmax(teacher.detach() / temperature, dim=-1)
     pointwise = F.kl_div(log_p, q, reduction="none")
+    with torch.no_grad():
+        # A class masked on both sides adds 0, where F.kl_div makes 0 * -inf = NaN. Its
+        # gradient is already 0 (d/dlog_p = -q) and nothing saved ``pointwise``: the repair
+        # needs no autograd record. A row that is NaN throughout (a NaN logit, or every logit of
+        # one side -inf) must stay NaN: ``undefined`` is 0, or NaN for such a row.
+        _zero_where_nan_(pointwise)
+        undefined = log_p.amax(-1).add_(q.amax(-1)).mul_(0.0)
     scale = temperature**2
     if reduction == "none":
-        return pointwise.sum(-1) * scale
+        return (pointwise.sum(-1) + undefined) * scale
     if reduction == "mean":
-        return pointwise.mean() * scale
+        return (pointwise.mean() + undefined.sum()) * scale
     positions = math.prod(student.shape[:-1])
     denominator = _denominator(reduction, labelled, positions, student.shape[0], 0, num_items)
-    return pointwise.sum() * (scale / denominator)
+    return (pointwise.sum() + undefined.sum()) * (scale / denominator)
 
 
 def _check_kernel_fits(kernel: _Kernel, width: int, teacher_width: int, what: str) -> None:
@@ -1052,7 +1135,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             stop = min(start + spec.chunk_rows, count)
             hs_chunk, a, b = _fused_chunk(spec, hs_rows, ht_rows, ws, wt, bs, bt, rows, start, stop)
             A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-            loss, g = spec.kernel(a, b, A, B, spec.teacher_width, True, grads is not None)
+            loss, g = _run_kernel(spec, a, b, A, B, True, grads is not None)
             assert loss is not None
             losses[start:stop] = loss
             if grads is not None:
@@ -1084,7 +1167,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
             stop = min(start + spec.chunk_rows, count)
             hs_chunk, a, b = _fused_chunk(spec, hs_rows, ht_rows, ws, wt, bs, bt, rows, start, stop)
             A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-            _, g = spec.kernel(a, b, A, B, spec.teacher_width, False, True)
+            _, g = _run_kernel(spec, a, b, A, B, False, True)
             assert g is not None
             accumulate.add(hs_chunk, g.mul_(weights[start:stop, None]), start, stop)
         grad_hs, grad_ws, grad_bs = accumulate.finish()
