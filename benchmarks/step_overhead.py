@@ -397,8 +397,6 @@ def main() -> int:
     # F.kl_div(reduction="mean") warns on every call; the warning is muted (its warn() call,
     # filtered, still runs in the hand-written step, about a microsecond).
     warnings.filterwarnings("ignore", message="reduction: 'mean' divides")
-    # StaticLossBalancer(0.5) warns that the other 0.5 weighs student_loss: intended here.
-    warnings.filterwarnings("ignore", category=kd.StudentLossWeightWarning)
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,8 +21,6 @@ from torch import nn  # noqa: E402
 
 import kdcore as kd  # noqa: E402
 
-# We do pass student_loss to compute_kd_loss, which is what this reminder is about.
-warnings.filterwarnings("ignore", category=kd.StudentLossWeightWarning)
 CLASSES, DIMENSIONS, BLOBS = 10, 32, 3
 
 

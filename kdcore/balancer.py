@@ -16,6 +16,7 @@ class DistillationLossBalancer(nn.Module):
     ``forward(loss_dict)`` receives ``{"student_loss": ..., "<Loss>_<i>": ...}`` in criterion
     order (``student_loss`` only when given) and returns a scalar tensor. Balancers hold no
     parameters (kdcore refuses one that does): anything learnable belongs in a loss module.
+    A balancer whose total weighs ``student_loss`` says so with :attr:`needs_student_loss`.
     """
 
     def __init__(self) -> None:
@@ -27,6 +28,15 @@ class DistillationLossBalancer(nn.Module):
     ) -> None:
         """Apply ``fn`` to ``student_loss`` before balancing (e.g. ``lambda l: l.mean()``)."""
         self._student_loss_reduction_fn = fn
+
+    @property
+    def needs_student_loss(self) -> bool:
+        """Whether part of the total is ``student_loss``, so ``compute_kd_loss`` must get it.
+
+        ``compute_kd_loss`` reads it when called without ``student_loss`` (a
+        :class:`StudentLossWeightWarning`, once per model). Override it; the default is False.
+        """
+        return False
 
     def check_kd_losses(self, names: Sequence[str]) -> None:
         """Called by ``convert`` with the KD loss keys; raise ``ValueError`` if they do not fit."""
@@ -43,4 +53,5 @@ class DistillationLossBalancer(nn.Module):
 
 
 class StudentLossWeightWarning(UserWarning):
-    """KD weights sum to less than 1: the rest weighs ``student_loss``, which must be passed."""
+    """``compute_kd_loss`` got no ``student_loss`` but the balancer weighs it
+    (:attr:`DistillationLossBalancer.needs_student_loss`); said once per model."""

@@ -28,7 +28,6 @@ import attrs
 import torch
 from torch import nn
 
-from kdcore.balancer import StudentLossWeightWarning
 from kdcore.errors import KDCoreError
 from kdcore.model import BALANCER, LOSS_MODULES, TEACHER, is_distillation_model
 from kdcore.modes import convert, export, unwrap
@@ -404,9 +403,8 @@ def restore(
             _check_tensors(_student_shapes(model), available, path, partial=True)
             modes = _modes_to_rebuild(saved_modes, teacher_model, path)
             with restoring(policy), warnings.catch_warnings():
-                # Both were said at the original convert; the checkpoint answers them.
+                # Said at the original convert; the checkpoint answers it.
                 warnings.simplefilter("ignore", NotRecordableWarning)
-                warnings.simplefilter("ignore", StudentLossWeightWarning)
                 try:
                     model = convert(model, modes)
                 except KDCoreError as exc:

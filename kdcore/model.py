@@ -13,15 +13,15 @@ import inspect
 import types
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import Any, TypeGuard
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeGuard, overload
 
 import attrs
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer
+from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer, StudentLossWeightWarning
 from kdcore.errors import DistillationStateError, did_you_mean
 from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair, split_layer
 
@@ -55,6 +55,7 @@ class DistillationState:
     only_teacher: bool = False
     modes: list[Any] = attrs.field(factory=list)  # kdcore.record.ModeRecord, in order
     capturing: bool = False  # only outputs of the meta-model's own forward are captured
+    warned_missing_student_loss: bool = False
     captures_whole_student: bool = attrs.field(init=False)
 
     captures_whole_teacher: bool = attrs.field(init=False)
@@ -220,27 +221,58 @@ class DistillationModel(nn.Module):
         return self
 
     # ----------------------------------------------------------------- loss
+    @overload
+    def compute_kd_loss(
+        self,
+        student_loss: torch.Tensor | None = None,
+        loss_reduction_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        skip_balancer: Literal[False] = False,
+        *,
+        return_terms: Literal[True],
+        **loss_fn_kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    @overload
     def compute_kd_loss(
         self,
         student_loss: torch.Tensor | None = None,
         loss_reduction_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         skip_balancer: bool = False,
+        *,
+        return_terms: Literal[False] = False,
         **loss_fn_kwargs: Any,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
+    ) -> torch.Tensor | dict[str, torch.Tensor]: ...
+
+    def compute_kd_loss(
+        self,
+        student_loss: torch.Tensor | None = None,
+        loss_reduction_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        skip_balancer: bool = False,
+        *,
+        return_terms: bool = False,
+        **loss_fn_kwargs: Any,
+    ) -> torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Compute the distillation loss from the outputs captured in the last forward.
 
         Returns ``{"student_loss": ..., "<Loss>_<i>": ...}`` with ``skip_balancer=True``; the single
-        KD loss when there is no balancer; else the balancer's total. ``loss_reduction_fn`` is
-        applied to each KD loss (not to ``student_loss``). Extra keyword arguments go to each loss
-        whose ``forward`` accepts them (``labels=`` for ``MFTLoss``, say).
+        KD loss when there is no balancer; else the balancer's total. With ``return_terms=True``,
+        ``(total, terms)``: the total as without it and that dict, to log the parts of the loss
+        that is trained. ``loss_reduction_fn`` is applied to each KD loss (not to
+        ``student_loss``). Extra keyword arguments go to each loss whose ``forward`` accepts them
+        (``labels=`` for ``MFTLoss``, say).
         """
         state = self._kd
+        balancer = None if skip_balancer else state.balancer
         if student_loss is not None and state.balancer is None and not skip_balancer:
             raise DistillationStateError(
                 "compute_kd_loss got student_loss but the model has no loss_balancer to combine "
                 "it with the KD loss; configure one (e.g. {'name': 'static'}) or add the losses "
                 "yourself with skip_balancer=True"
             )
+        if return_terms and skip_balancer:
+            raise TypeError("compute_kd_loss: skip_balancer=True returns the terms alone")
+        if student_loss is None and balancer is not None:
+            self._warn_missing_student_loss(balancer)
         self._check_loss_kwargs(loss_fn_kwargs)
         losses: dict[str, torch.Tensor] = {}
         if student_loss is not None:
@@ -258,9 +290,22 @@ class DistillationModel(nn.Module):
         state.clear_captures()
         if skip_balancer:
             return losses
-        if state.balancer is None:
-            return losses[state.pairs[0].key]
-        return state.balancer(losses)
+        total = losses[state.pairs[0].key] if balancer is None else balancer(losses)
+        return (total, losses) if return_terms else total
+
+    def _warn_missing_student_loss(self, balancer: DistillationLossBalancer) -> None:
+        # Once per model, here rather than at construction: only a call without student_loss
+        # can drop the balancer's student-loss term.
+        if self._kd.warned_missing_student_loss or not balancer.needs_student_loss:
+            return
+        self._kd.warned_missing_student_loss = True
+        warnings.warn(
+            f"compute_kd_loss got no student_loss but the loss balancer "
+            f"({type(balancer).__name__}({balancer.extra_repr()})) weighs it: pass "
+            "compute_kd_loss(student_loss=...)",
+            StudentLossWeightWarning,
+            stacklevel=3,
+        )
 
     def accepts_loss_kwarg(self, name: str) -> bool:
         """Whether some loss takes the keyword ``name`` (so ``compute_kd_loss`` may be given it).
@@ -363,6 +408,58 @@ class DistillationModel(nn.Module):
         return self._kd.balancer
 
     # ----------------------------------------------------------------- state dict
+    def kd_state_dict(self) -> dict[str, torch.Tensor]:
+        """The distillation state: the loss modules' and the balancer's tensors (learnable loss
+        weights, a schedule's step), keyed as in ``state_dict()``: ``_loss_modules.<i>.…`` and
+        ``_loss_balancer.…``. With :meth:`student_state_dict`, what resuming needs (the teacher
+        is frozen). Load it back with :meth:`load_kd_state_dict`."""
+        return {
+            key: value
+            for name, module in self._modules.items()
+            if name in (LOSS_MODULES, BALANCER) and module is not None
+            for key, value in module.state_dict(prefix=f"{name}.").items()
+        }
+
+    def load_kd_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`kd_state_dict` returned, strictly: a missing or extra key, or a
+        shape that differs, raises :class:`kdcore.DistillationStateError` naming it."""
+        expected = self.kd_state_dict()
+        missing = [key for key in expected if key not in state_dict]
+        unexpected = [key for key in state_dict if key not in expected]
+        if missing or unexpected:
+            raise DistillationStateError(
+                "the distillation state does not fit this model's loss modules and balancer: "
+                + "; ".join(
+                    f"{what}: {', '.join(keys)}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected))
+                    if keys
+                )
+            )
+        for name in (LOSS_MODULES, BALANCER):
+            module, prefix = self._modules.get(name), f"{name}."
+            if module is None:
+                continue
+            part = {
+                k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)
+            }
+            try:
+                module.load_state_dict(part)
+            except RuntimeError as exc:  # a shape that differs
+                raise DistillationStateError(
+                    f"the distillation state does not fit this model's {name}: {exc}"
+                ) from None
+
+    def student_state_dict(self) -> dict[str, Any]:
+        """The student's own entries of the state dict (no teacher, loss modules or balancer),
+        keyed as in the exported student: what its ``load_state_dict`` or ``from_pretrained``
+        takes."""
+        kd_prefixes = tuple(f"{name}." for name in KD_CHILDREN)
+        return {
+            key: value
+            for key, value in super().state_dict().items()
+            if not key.startswith(kd_prefixes)
+        }
+
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         with self.hide_teacher_model(self._kd.expose_minimal_state_dict):
             return super().state_dict(*args, **kwargs)
@@ -433,6 +530,44 @@ def distillation_class(wrapper: type[DistillationModel], student_class: type[nn.
             bases = (wrapper, _StudentSequence, student_class)
         _classes[key] = type(student_class.__name__, bases, namespace)
     return _classes[key]
+
+
+def gather_fsdp2(modules: Iterable[nn.Module]) -> None:
+    """Undo FSDP2's ``fully_shard`` on ``modules``: whole tensors in place of DTensor shards,
+    FSDP's forward hooks and state removed, the class before ``fully_shard`` restored.
+
+    Collective: every rank calls it (``kd.export`` does, for the student). Modules that are not
+    sharded are left as they are. Example, a plain model trained under FSDP2::
+
+        gather_fsdp2(model.modules())
+    """
+    modules = list(modules)
+    sharded = [m for m in modules if _is_fsdp2(m)]
+    if not sharded:
+        return
+    from torch.distributed._composable_state import _get_module_state, _module_state_mapping
+
+    for module in sharded:
+        module.reshard()  # type: ignore[operator]  # back to DTensor shards if unsharded
+    for module in modules:
+        for name, tensor in list(module._parameters.items()):
+            if tensor is not None and hasattr(tensor, "full_tensor"):
+                whole = tensor.full_tensor().detach()
+                module._parameters[name] = nn.Parameter(whole, tensor.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and hasattr(buffer, "full_tensor"):
+                module._buffers[name] = buffer.full_tensor().detach()
+    for module in sharded:
+        state: Any = _get_module_state(module)
+        if state is not None:
+            state._pre_forward_hook_handle.remove()
+            state._post_forward_hook_handle.remove()
+        _module_state_mapping.pop(module, None)
+        module.__class__ = type(module).__bases__[1]  # fully_shard made (FSDPModule, cls)
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
 def is_distillation_model(model: object) -> TypeGuard[DistillationModel]:

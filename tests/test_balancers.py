@@ -19,13 +19,6 @@ def static(builtin_host: kd.PluginHost) -> Any:
     return builtin_host.registries.balancers.get("static")
 
 
-def make(static: Any, weight: Any) -> Any:
-    """Build a balancer without the (globally ignored) student-loss-weight warning mattering."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        return static(weight)
-
-
 def losses(**values: float) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(value) for name, value in values.items()}
 
@@ -43,7 +36,7 @@ def losses(**values: float) -> dict[str, torch.Tensor]:
 def test_total_is_weighted_kd_losses_plus_remaining_weight_times_student_loss(
     static: Any, weights: Any, kd_values: list[float], student: float
 ) -> None:
-    balancer = make(static, weights)
+    balancer = static(weights)
     weight_list = weights if isinstance(weights, list) else [weights]
     loss_dict = {"student_loss": torch.tensor(student)}
     loss_dict.update({f"Loss_{i}": torch.tensor(v) for i, v in enumerate(kd_values)})
@@ -53,7 +46,7 @@ def test_total_is_weighted_kd_losses_plus_remaining_weight_times_student_loss(
 
 
 def test_weights_follow_criterion_order_not_key_order(static: Any) -> None:
-    balancer = make(static, [0.9, 0.1])
+    balancer = static([0.9, 0.1])
     total = balancer({"Z_0": torch.tensor(1.0), "A_1": torch.tensor(0.0)})
     assert total.item() == pytest.approx(0.9)
 
@@ -70,9 +63,7 @@ def test_a_given_student_loss_with_weights_summing_to_one_does_not_change_the_to
 
 
 def test_default_weight_is_half(static: Any) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        balancer = static()
+    balancer = static()
     assert balancer.weights == [0.5]
     assert balancer(losses(student_loss=2.0, A_0=4.0)).item() == pytest.approx(3.0)
 
@@ -80,7 +71,7 @@ def test_default_weight_is_half(static: Any) -> None:
 def test_total_backpropagates_into_every_loss(static: Any) -> None:
     student_loss = torch.tensor(2.0, requires_grad=True)
     kd_loss = torch.tensor(3.0, requires_grad=True)
-    make(static, 0.3)({"student_loss": student_loss, "A_0": kd_loss}).backward()
+    static(0.3)({"student_loss": student_loss, "A_0": kd_loss}).backward()
     assert kd_loss.grad is not None and kd_loss.grad.item() == pytest.approx(0.3)
     assert student_loss.grad is not None and student_loss.grad.item() == pytest.approx(0.7)
 
@@ -88,7 +79,7 @@ def test_total_backpropagates_into_every_loss(static: Any) -> None:
 # ------------------------------------------------------------------ accepted weights
 @pytest.mark.parametrize("weight", [1, 0, [0, 1], (1, 0), [1]])
 def test_int_weights_are_accepted(static: Any, weight: Any) -> None:
-    balancer = make(static, weight)
+    balancer = static(weight)
     assert all(isinstance(w, float) for w in balancer.weights)
 
 
@@ -101,7 +92,7 @@ def test_int_weights_0_and_1_pick_the_second_kd_loss(static: Any) -> None:
 
 
 def test_zero_weight_means_student_loss_only(static: Any) -> None:
-    balancer = make(static, 0.0)
+    balancer = static(0.0)
     assert balancer(losses(student_loss=2.0, A_0=9.0)).item() == 2.0
 
 
@@ -163,39 +154,19 @@ def test_weights_summing_to_more_than_one_are_refused_naming_them(
         static(weight)
 
 
-# ------------------------------------------------------------------ the student-loss warning
-def test_weights_summing_to_less_than_one_warn_that_student_loss_is_needed(static: Any) -> None:
-    with pytest.warns(kd.StudentLossWeightWarning, match=r"sums to 0.3 < 1.*student_loss"):
-        static([0.1, 0.2])
-
-
-def test_the_student_loss_warning_is_caught_even_where_the_category_is_ignored(
-    static: Any,
+# ------------------------------------------------------------------ needs_student_loss
+@pytest.mark.parametrize(("weight", "needed"), [(0.5, True), ([0.1, 0.2], True), (1.0, False),
+                                                 (1, False), ([0.4, 0.6], False)])  # fmt: skip
+def test_weights_summing_to_less_than_one_need_the_student_loss(
+    static: Any, weight: Any, needed: bool
 ) -> None:
-    # pyproject ignores the category for the whole suite; pytest.warns records regardless.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        with pytest.warns(kd.StudentLossWeightWarning, match="0.5 < 1"):
-            static(0.5)
+    assert static(weight).needs_student_loss is needed
 
 
-def test_the_student_loss_warning_is_a_user_warning(static: Any) -> None:
-    with pytest.warns(UserWarning) as record:
-        static(0.5)
-    assert [type(w.message) for w in record] == [kd.StudentLossWeightWarning]
-
-
-@pytest.mark.parametrize("weight", [1.0, 1, [0.4, 0.6]])
-def test_weights_summing_to_one_do_not_warn(static: Any, weight: Any) -> None:
+def test_building_a_balancer_that_needs_the_student_loss_does_not_warn(static: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        static(weight)
-
-
-def test_the_student_loss_warning_points_at_the_caller(static: Any) -> None:
-    with pytest.warns(kd.StudentLossWeightWarning) as record:
         static(0.5)
-    assert record[0].filename == __file__
 
 
 # ------------------------------------------------------------------ count mismatches
@@ -218,7 +189,7 @@ def test_forward_refuses_a_loss_dict_with_a_different_kd_loss_count(static: Any)
 
 
 def test_forward_does_not_count_student_loss_as_a_kd_loss(static: Any) -> None:
-    balancer = make(static, [0.2, 0.3])
+    balancer = static([0.2, 0.3])
     with pytest.raises(ValueError, match=r"2 weight.*1 KD losses"):
         balancer(losses(student_loss=1.0, A_0=1.0))
 
@@ -254,11 +225,11 @@ def test_convert_reports_a_refused_weight_as_a_config_error_at_the_balancer(
 # ------------------------------------------------------------------ student loss
 def test_missing_student_loss_is_an_error_when_weights_sum_below_one(static: Any) -> None:
     with pytest.raises(ValueError, match=r"sum to 0.4.*0.6 of the total is student_loss"):
-        make(static, 0.4)(losses(A_0=1.0))
+        static(0.4)(losses(A_0=1.0))
 
 
 def test_reduction_fn_is_applied_to_the_student_loss(static: Any) -> None:
-    balancer = make(static, 0.5)
+    balancer = static(0.5)
     balancer.set_student_loss_reduction_fn(lambda loss: loss.mean())
     total = balancer({"student_loss": torch.tensor([1.0, 3.0]), "A_0": torch.tensor(4.0)})
     assert total.shape == ()
@@ -266,7 +237,7 @@ def test_reduction_fn_is_applied_to_the_student_loss(static: Any) -> None:
 
 
 def test_reduction_fn_is_not_applied_to_kd_losses(static: Any) -> None:
-    balancer = make(static, 0.5)
+    balancer = static(0.5)
     seen: list[torch.Tensor] = []
     balancer.set_student_loss_reduction_fn(lambda loss: seen.append(loss) or loss * 10)
     total = balancer(losses(student_loss=1.0, A_0=4.0))
@@ -275,7 +246,7 @@ def test_reduction_fn_is_not_applied_to_kd_losses(static: Any) -> None:
 
 
 def test_reduction_fn_can_be_removed(static: Any) -> None:
-    balancer = make(static, 0.5)
+    balancer = static(0.5)
     balancer.set_student_loss_reduction_fn(lambda loss: loss * 10)
     balancer.set_student_loss_reduction_fn(None)
     assert balancer(losses(student_loss=2.0, A_0=4.0)).item() == pytest.approx(3.0)
@@ -284,13 +255,13 @@ def test_reduction_fn_can_be_removed(static: Any) -> None:
 # ------------------------------------------------------------------ module hygiene
 @pytest.mark.parametrize("weight", [0.5, [0.2, 0.3]])
 def test_the_balancer_has_no_parameters_or_buffers(static: Any, weight: Any) -> None:
-    balancer = make(static, weight)
+    balancer = static(weight)
     assert list(balancer.parameters()) == []
     assert balancer.state_dict() == {}
 
 
 def test_the_balancer_does_not_mutate_the_loss_dict(static: Any) -> None:
-    balancer = make(static, 0.5)
+    balancer = static(0.5)
     balancer.set_student_loss_reduction_fn(lambda loss: loss.mean())
     loss_dict = {"student_loss": torch.tensor([1.0, 3.0]), "A_0": torch.tensor(4.0)}
     snapshot = dict(loss_dict)
@@ -306,28 +277,26 @@ def test_the_balancer_is_a_distillation_loss_balancer(static: Any) -> None:
 
 
 def test_the_repr_shows_the_weights(static: Any) -> None:
-    assert "kd_loss_weight=[0.2, 0.3]" in repr(make(static, [0.2, 0.3]))
+    assert "kd_loss_weight=[0.2, 0.3]" in repr(static([0.2, 0.3]))
 
 
 # ------------------------------------------------------------------ through a model
 def test_a_converted_model_combines_student_and_kd_losses_with_the_static_weights(
     builtin_host: kd.PluginHost, batch: torch.Tensor
 ) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        model: Any = kd.convert(
-            TinyNet(),
-            [
-                (
-                    "kd_loss",
-                    {
-                        "teacher_model": make_teacher(),
-                        "criterion": {"name": "logits", "reduction": "batchmean"},
-                        "loss_balancer": {"name": "static", "kd_loss_weight": 0.3},
-                    },
-                )
-            ],
-        )
+    model: Any = kd.convert(
+        TinyNet(),
+        [
+            (
+                "kd_loss",
+                {
+                    "teacher_model": make_teacher(),
+                    "criterion": {"name": "logits", "reduction": "batchmean"},
+                    "loss_balancer": {"name": "static", "kd_loss_weight": 0.3},
+                },
+            )
+        ],
+    )
     output = model(batch)
     student_loss = output.pow(2).mean()
     parts = model.compute_kd_loss(student_loss=student_loss, skip_balancer=True)

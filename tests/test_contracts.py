@@ -9,7 +9,6 @@ end-to-end setup through ``kd.convert``.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,9 +256,7 @@ def balancer_case(name: str) -> BalancerCase:
 
 
 def build_balancer(factory: Any, case: BalancerCase) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        return factory(**case.kwargs)
+    return factory(**case.kwargs)
 
 
 def kd_loss_dict(count: int) -> dict[str, torch.Tensor]:
@@ -414,21 +411,19 @@ def test_balancer_combines_losses_end_to_end_through_convert(
     if case.kd_losses > len(layers):
         pytest.fail(f"the end-to-end balancer test pairs at most {len(layers)} layers")
     criterion = {pair: {"name": "mse"} for pair in layers[: case.kd_losses]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        model: Any = kd.convert(
-            TinyNet(),
-            [
-                (
-                    "kd_loss",
-                    {
-                        "teacher_model": TinyNet(width=8),
-                        "criterion": criterion,
-                        "loss_balancer": {"name": name, **case.kwargs},
-                    },
-                )
-            ],
-        )
+    model: Any = kd.convert(
+        TinyNet(),
+        [
+            (
+                "kd_loss",
+                {
+                    "teacher_model": TinyNet(width=8),
+                    "criterion": criterion,
+                    "loss_balancer": {"name": name, **case.kwargs},
+                },
+            )
+        ],
+    )
     output = model(batch)
     total = model.compute_kd_loss(student_loss=output.pow(2).mean())
     assert isinstance(total, torch.Tensor) and total.shape == ()

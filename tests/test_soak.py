@@ -28,14 +28,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
 
 
 def build() -> tuple[nn.Module, torch.optim.Optimizer]:
-    with warnings.catch_warnings():  # said once at convert, on purpose: the loop passes it
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        model = _convert()
-    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-def _convert() -> nn.Module:
-    return kd.convert(
+    model = kd.convert(
         TinyNet(),
         [
             (
@@ -52,6 +45,7 @@ def _convert() -> nn.Module:
             )
         ],
     )
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
 def hook_count(model: nn.Module) -> int:

@@ -27,7 +27,6 @@ A job file holds the mode tables that :func:`kdcore.load_config` reads, plus ``[
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +118,6 @@ def load_job(
     """Read a job file: its mode tables (checked as :func:`kdcore.load_config` does, with
     ``imports``) and its ``[train]`` table. Nothing is built; errors name the file and the path
     inside it."""
-    from kdcore.balancer import StudentLossWeightWarning
     from kdcore.config_files import read_config_file
     from kdcore.errors import ConfigTypeError
     from kdcore.modes import check
@@ -139,10 +137,7 @@ def load_job(
                 )
             modes.append((name, table))
         if modes:
-            with warnings.catch_warnings():
-                # The loop always passes student_loss, which is what this reminder asks for.
-                warnings.simplefilter("ignore", StudentLossWeightWarning)
-                check(modes, imports=imports)
+            check(modes, imports=imports)
     except KDCoreError as exc:
         exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
         raise

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 import kdcore
-from kdcore.balancer import DistillationLossBalancer, StudentLossWeightWarning
+from kdcore.balancer import DistillationLossBalancer
 from kdcore.errors import did_you_mean
 from kdcore.registry import Registry
 
@@ -29,14 +28,10 @@ class StaticLossBalancer(DistillationLossBalancer):
         self.weights = _checked_weights(kd_loss_weight)
         # Sums a rounding error above 1 are accepted as 1: the student weight is never negative.
         self.student_loss_weight = max(0.0, 1.0 - math.fsum(self.weights))
-        if self.student_loss_weight > 0:
-            warnings.warn(
-                f"kd_loss_weight sums to {math.fsum(self.weights):g} < 1: the remaining "
-                f"{self.student_loss_weight:g} weighs student_loss, so pass "
-                "compute_kd_loss(student_loss=...)",
-                StudentLossWeightWarning,
-                stacklevel=2,
-            )
+
+    @property
+    def needs_student_loss(self) -> bool:
+        return self.student_loss_weight > 0
 
     def check_kd_losses(self, names: Sequence[str]) -> None:
         if len(names) != len(self.weights):
@@ -151,14 +146,10 @@ class ScheduledLossBalancer(DistillationLossBalancer):
         self._starts, self._ends = starts, ends
         self.register_buffer("current_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("pending_calls", torch.zeros((), dtype=torch.long))
-        self.needs_student_loss = min(_total(start), _total(end)) < 1
-        if self.needs_student_loss:
-            warnings.warn(
-                f"the KD weights sum to {_total(start):g} at the start and {_total(end):g} at "
-                "the end: the rest weighs student_loss, so pass compute_kd_loss(student_loss=...)",
-                StudentLossWeightWarning,
-                stacklevel=2,
-            )
+
+    @property
+    def needs_student_loss(self) -> bool:
+        return min(_total(self.start), _total(self.end)) < 1
 
     def check_kd_losses(self, names: Sequence[str]) -> None:
         for per_loss, argument in ((self._starts, "start"), (self._ends, "end")):
@@ -294,15 +285,10 @@ class LogitsMagnitudeBalancer(DistillationLossBalancer):
         self.kd_loss_weight = kd_loss_weight
         self.logits_loss = logits_loss
         self.match_student_loss = match_student_loss
-        self.needs_student_loss = kd_loss_weight < 1 or match_student_loss
-        if self.needs_student_loss:
-            warnings.warn(
-                f"kd_loss_weight={kd_loss_weight!r}"
-                + (" with match_student_loss" if match_student_loss else "")
-                + ": the total involves student_loss, so pass compute_kd_loss(student_loss=...)",
-                StudentLossWeightWarning,
-                stacklevel=2,
-            )
+
+    @property
+    def needs_student_loss(self) -> bool:
+        return self.kd_loss_weight < 1 or self.match_student_loss
 
     def logits_key(self, names: Sequence[str]) -> str:
         """The key of the logits loss among the KD loss keys ``names``."""
