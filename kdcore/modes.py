@@ -15,7 +15,7 @@ from torch import nn
 
 from kdcore.converter import check_size, structure
 from kdcore.errors import ConfigError, ConfigTypeError, shown
-from kdcore.model import is_distillation_model
+from kdcore.model import gather_fsdp2, is_distillation_model
 from kdcore.plugin_manager import registries
 from kdcore.record import record_mode
 from kdcore.references import not_resolving
@@ -120,39 +120,8 @@ def export(model: nn.Module) -> nn.Module:
         )
         return model
     teacher = set(model._kd.teacher.modules())
-    _gather_fsdp2([m for m in model.modules() if m not in teacher])
+    gather_fsdp2(m for m in model.modules() if m not in teacher)
     return convert(model, [(EXPORT_MODE, None)])
-
-
-def _is_fsdp2(module: nn.Module) -> bool:
-    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
-
-
-def _gather_fsdp2(modules: list[nn.Module]) -> None:
-    """Undo ``fully_shard`` on ``modules``: whole tensors in place of DTensor shards, FSDP's
-    forward hooks and state removed, the class before ``fully_shard`` restored."""
-    sharded = [m for m in modules if _is_fsdp2(m)]
-    if not sharded:
-        return
-    from torch.distributed._composable_state import _get_module_state, _module_state_mapping
-
-    for module in sharded:
-        module.reshard()  # type: ignore[operator]  # back to DTensor shards if unsharded
-    for module in modules:
-        for name, tensor in list(module._parameters.items()):
-            if tensor is not None and hasattr(tensor, "full_tensor"):
-                whole = tensor.full_tensor().detach()
-                module._parameters[name] = nn.Parameter(whole, tensor.requires_grad)
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None and hasattr(buffer, "full_tensor"):
-                module._buffers[name] = buffer.full_tensor().detach()
-    for module in sharded:
-        state: Any = _get_module_state(module)
-        if state is not None:
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-        _module_state_mapping.pop(module, None)
-        module.__class__ = type(module).__bases__[1]  # fully_shard made (FSDPModule, cls)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -141,6 +141,23 @@ def test_missing_train_table_is_refused(tmp_path: Path) -> None:
         load_job(job)
 
 
+def test_a_job_loss_is_what_compute_kd_loss_returns(tmp_path: Path) -> None:
+    modes, config = load_job(write_job(tmp_path, steps=2, every=0))
+    steps: list[dict[str, float]] = []
+    train(modes, config, log=None, save=False, on_step=lambda _, parts: steps.append(parts))
+    for parts in steps:  # the static balancer, weight 0.5, over the step's two micro-batches
+        kd_part = parts["LogitsDistillationLoss_0"]
+        assert parts["loss"] == pytest.approx(0.5 * kd_part + 0.5 * parts["student_loss"])
+
+    without_balancer = [(name, {k: v for k, v in table.items() if k != "loss_balancer"})
+                        for name, table in modes]  # fmt: skip
+    steps.clear()
+    train(without_balancer, config, log=None, save=False, on_step=lambda _, p: steps.append(p))
+    for parts in steps:  # the single KD loss alone; the student loss is shown, not trained
+        assert list(parts) == ["loss", "student_loss", "LogitsDistillationLoss_0"]
+        assert parts["loss"] == pytest.approx(parts["LogitsDistillationLoss_0"])
+
+
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     whole_modes, whole = load_job(write_job(tmp_path, steps=8, every=4, name="whole"))
     straight = train(whole_modes, whole, log=None)

@@ -394,6 +394,31 @@ def test_resuming_from_a_checkpoint_continues_with_the_loss_modules_weights(
     assert torch.allclose(straight.model.lm_head.weight, resumed.model.lm_head.weight, atol=1e-6)
 
 
+def test_resuming_with_loss_modules_that_do_not_fit_the_checkpoint_names_the_file(
+    tmp_path: Path,
+) -> None:
+    def make(teacher_width: int, steps: int) -> Any:
+        config = {
+            "teacher_model": tiny_llama(hidden=teacher_width, seed=1),
+            "criterion": {
+                ("model.norm", "model.norm"): {
+                    "name": "fitnet",
+                    "student_width": 32,
+                    "teacher_width": teacher_width,
+                }
+            },
+        }
+        args = arguments(tmp_path, max_steps=steps, save_strategy="steps", save_steps=1)
+        return KDTrainer(
+            model=tiny_llama(), args=args, kd_config=config, train_dataset=examples(4, 7)
+        )
+
+    make(64, 1).train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    with pytest.raises(kd.CheckpointMismatchError, match=r"(?s)kdcore_distillation.*size mismatch"):
+        make(48, 2).train(resume_from_checkpoint=str(checkpoint))
+
+
 # ====================================================================== KDTrainer: refusals
 def test_kdtrainer_refuses_a_plain_model_without_a_kd_config(tmp_path: Path) -> None:
     with pytest.raises(

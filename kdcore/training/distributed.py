@@ -136,7 +136,7 @@ def shard_fsdp2(model: nn.Module, job: Launch, device: torch.device) -> nn.Modul
 
     mesh = init_device_mesh(device.type, (job.world_size,))
     if is_distillation_model(model):
-        fully_shard(model._kd.teacher, mesh=mesh)
+        fully_shard(model.teacher_model, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 

@@ -9,6 +9,9 @@ example, which the student loss skips and the distillation losses still use. For
 ``seed + epoch``, so that ``--resume`` continues exactly; a loader given as it is must be
 deterministic per epoch for that to hold.
 
+The loss is ``model.compute_kd_loss(student_loss=..., return_terms=True)``'s: the balancer's
+total, or without a balancer the single KD loss (``student_loss`` is then logged, not trained).
+
 A checkpoint is ``<output>/step-<N>.safetensors`` (``kd.save`` with the optimizer; under
 FSDP2 a ``step-<N>`` torch-dcp folder) plus ``step-<N>.json`` next to it: the step counter and
 the CPU RNG state, as plain JSON. Every step's losses and every validation accuracy go to
@@ -22,7 +25,6 @@ import contextlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdcore.errors import ConfigError, ConfigTypeError
-from kdcore.model import is_distillation_model
+from kdcore.model import gather_fsdp2, is_distillation_model
 from kdcore.training.config import EVALUATIONS, TrainConfig
 from kdcore.training.distributed import (
     Launch,
@@ -56,6 +58,7 @@ from kdcore.training.metrics import (
 from kdcore.training.progress import Progress, summary
 
 IGNORE_LABEL = -1
+STUDENT_LOSS = "student_loss"
 
 
 @attrs.define
@@ -144,10 +147,7 @@ def _train(
             f"returned {type(built).__name__}, not a module", path="train.student"
         )
     train_data, validation = _split(make_data())
-    with warnings.catch_warnings():
-        # The loop always passes student_loss, which is what this reminder asks for.
-        warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-        model = kd.convert(built, modes) if modes else built
+    model = kd.convert(built, modes) if modes else built
     model.to(device)
     if fsdp:  # before the optimizer: its parameters become the shards
         shard_fsdp2(model, job, device)
@@ -158,9 +158,7 @@ def _train(
     step = 0
     if resume is not None:
         resume = Path(resume)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", kd.StudentLossWeightWarning)
-            kd.restore(model, resume, optimizer=optimizer)  # shards the state for FSDP2
+        kd.restore(model, resume, optimizer=optimizer)  # shards the state for FSDP2
         saved = json.loads(state_path(resume).read_text(encoding="utf-8"))
         step = int(saved["step"])
         torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
@@ -178,7 +176,6 @@ def _train(
     micro = step * config.grad_accumulation
     batches = _batches(train_data, config, micro, batches_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    distilling = bool(modes)
 
     metrics = None
     if save and job.main:
@@ -211,8 +208,7 @@ def _train(
                 x, y = x.to(device), y.to(device)
                 with no_gradient_sync(forward, last=index == config.grad_accumulation - 1):
                     with autocast:
-                        terms = _loss_terms(forward, model, x, y, distilling=distilling)
-                    total_loss = _combine(model, terms, distilling=distilling)
+                        total_loss, terms = _losses(forward, model, x, y)
                     (total_loss * weight / config.grad_accumulation).backward()
                 # Each rank's mean, weighted by its share of the batch: summed over ranks, the
                 # mean over the global batch.
@@ -250,7 +246,11 @@ def _train(
         points.append(_validate(model, validation, config, device, step, metrics))
     progress.close()
     # Whole again after FSDP2 (a collective gather: every rank exports).
-    exported = kd.export(model) if modes else _gather_fsdp2_student(model)
+    if modes:
+        exported = kd.export(model)
+    else:
+        gather_fsdp2(model.modules())
+        exported = model
     student_path = plot = None
     if save and job.main:
         student_path = kd.save(exported, output / "student.safetensors")
@@ -314,37 +314,22 @@ def _validate(
     return step, accuracy
 
 
-def _gather_fsdp2_student(model: nn.Module) -> nn.Module:
-    from kdcore.modes import _gather_fsdp2
-
-    _gather_fsdp2(list(model.modules()))
-    return model
-
-
-def _loss_terms(
-    forward: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, distilling: bool
-) -> dict[str, torch.Tensor]:
+def _losses(
+    forward: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to train and its named parts (``student_loss`` and the KD losses) to log."""
     output = forward(x)  # through DDP when distributed; the loss from the model inside
     labelled = y != IGNORE_LABEL
     if bool(labelled.any()):
         student_loss = F.cross_entropy(output[labelled].float(), y[labelled])
     else:
         student_loss = output.float().sum() * 0
-    if not distilling or not is_distillation_model(model):
-        return {"student_loss": student_loss}
-    terms = model.compute_kd_loss(student_loss=student_loss, skip_balancer=True)
-    assert isinstance(terms, dict)
-    return terms
-
-
-def _combine(model: nn.Module, terms: dict[str, torch.Tensor], *, distilling: bool) -> torch.Tensor:
-    if not distilling or not is_distillation_model(model):
-        return terms["student_loss"]
-    balancer = model._kd.balancer  # the same combination compute_kd_loss would make
-    if balancer is None:
-        return sum(terms.values(), torch.zeros(()))
-    total: torch.Tensor = balancer(terms)
-    return total
+    if not is_distillation_model(model):
+        return student_loss, {STUDENT_LOSS: student_loss}
+    if model.loss_balancer is None:  # the KD loss alone, as compute_kd_loss makes it
+        total, kd_terms = model.compute_kd_loss(return_terms=True)
+        return total, {STUDENT_LOSS: student_loss.detach(), **kd_terms}
+    return model.compute_kd_loss(student_loss=student_loss, return_terms=True)
 
 
 def _checkpoint(

@@ -32,15 +32,8 @@ from torch import nn
 from transformers.trainer_utils import EvalLoopOutput
 
 import kdcore as kd
-from kdcore.checkpoint import CheckpointMismatchError
 from kdcore.errors import ConfigError, DistillationStateError
-from kdcore.model import (
-    BALANCER,
-    KD_CHILDREN,
-    LOSS_MODULES,
-    DistillationModel,
-    is_distillation_model,
-)
+from kdcore.model import DistillationModel, is_distillation_model
 
 #: Where checkpoints keep the loss modules' weights and balancer buffers (for resuming): not in
 #: the model's weights file, which holds the student alone.
@@ -217,22 +210,22 @@ class KDTrainer(transformers.Trainer):
         self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None
     ) -> None:
         # Every save (checkpoints, save_model) writes the student's weights alone, so that
-        # from_pretrained loads any checkpoint folder; the loss modules go to their own file.
+        # from_pretrained loads any checkpoint folder; the distillation state goes to its own file.
         model = self.accelerator.unwrap_model(self.model)
         if is_distillation_model(model):
             if state_dict is None:
-                state_dict = model.state_dict()
-            kd_prefixes = tuple(f"{name}." for name in KD_CHILDREN)
-            kd_state = {
-                key: value.detach().contiguous().cpu()
-                for key, value in state_dict.items()
-                if key.startswith((f"{LOSS_MODULES}.", f"{BALANCER}."))
-            }
-            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(kd_prefixes)}
+                kd_state, state_dict = model.kd_state_dict(), model.student_state_dict()
+            else:  # gathered by the Trainer (DeepSpeed, FSDP): keyed as the model's state_dict
+                kd_keys, student_keys = model.kd_state_dict().keys(), model.student_state_dict()
+                kd_state = {k: v for k, v in state_dict.items() if k in kd_keys}
+                state_dict = {k: v for k, v in state_dict.items() if k in student_keys}
             folder = output_dir if output_dir is not None else self.args.output_dir
             if kd_state and self.args.should_save and folder is not None:
                 os.makedirs(folder, exist_ok=True)
-                safetensors.torch.save_file(kd_state, os.path.join(folder, KD_STATE_FILE))
+                tensors = {
+                    key: value.detach().contiguous().cpu() for key, value in kd_state.items()
+                }
+                safetensors.torch.save_file(tensors, os.path.join(folder, KD_STATE_FILE))
         super()._save(output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(
@@ -243,21 +236,10 @@ class KDTrainer(transformers.Trainer):
         meta = self.accelerator.unwrap_model(model if model is not None else self.model)
         if not is_distillation_model(meta) or not os.path.isfile(path):
             return
-        tensors = safetensors.torch.load_file(path)
-        for prefix, module in ((LOSS_MODULES, meta.loss_modules), (BALANCER, meta.loss_balancer)):
-            if module is None:
-                continue
-            part = {
-                key.removeprefix(f"{prefix}."): value
-                for key, value in tensors.items()
-                if key.startswith(f"{prefix}.")
-            }
-            try:
-                module.load_state_dict(part)
-            except RuntimeError as exc:
-                raise CheckpointMismatchError(
-                    path, f"does not fit the {prefix} of this kd_config: {exc}"
-                ) from None
+        try:
+            meta.load_kd_state_dict(safetensors.torch.load_file(path))
+        except DistillationStateError as exc:
+            raise kd.CheckpointMismatchError(path, f"does not fit this kd_config: {exc}") from None
 
     def export_student(self, output_dir: str | None = None) -> nn.Module:
         """Give the student back (``kd.export``: teacher, losses and hooks gone) and, with
