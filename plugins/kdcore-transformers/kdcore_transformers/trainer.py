@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 import transformers
@@ -38,6 +38,9 @@ from kdcore.model import DistillationModel, is_distillation_model
 #: Where checkpoints keep the loss modules' weights and balancer buffers (for resuming): not in
 #: the model's weights file, which holds the student alone.
 KD_STATE_FILE = "kdcore_distillation.safetensors"
+#: The checkpoint backend that writes and reads it (atomically; the reader checks the file).
+KD_STATE_BACKEND = "safetensors"
+KD_STATE_MANIFEST = '{"format": "kdcore-distillation-state"}'
 LABELS = "labels"
 
 
@@ -222,10 +225,8 @@ class KDTrainer(transformers.Trainer):
             folder = output_dir if output_dir is not None else self.args.output_dir
             if kd_state and self.args.should_save and folder is not None:
                 os.makedirs(folder, exist_ok=True)
-                tensors = {
-                    key: value.detach().contiguous().cpu() for key, value in kd_state.items()
-                }
-                safetensors.torch.save_file(tensors, os.path.join(folder, KD_STATE_FILE))
+                tensors = {k: v.detach().contiguous().cpu() for k, v in kd_state.items()}
+                _kd_state_backend().write(Path(folder, KD_STATE_FILE), tensors, KD_STATE_MANIFEST)
         super()._save(output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(
@@ -236,10 +237,13 @@ class KDTrainer(transformers.Trainer):
         meta = self.accelerator.unwrap_model(model if model is not None else self.model)
         if not is_distillation_model(meta) or not os.path.isfile(path):
             return
+        reader = _kd_state_backend().open(Path(path))
         try:
-            meta.load_kd_state_dict(safetensors.torch.load_file(path))
+            meta.load_kd_state_dict({name: reader.load(name) for name in reader.tensors})
         except DistillationStateError as exc:
             raise kd.CheckpointMismatchError(path, f"does not fit this kd_config: {exc}") from None
+        finally:
+            reader.close()
 
     def export_student(self, output_dir: str | None = None) -> nn.Module:
         """Give the student back (``kd.export``: teacher, losses and hooks gone) and, with
@@ -252,6 +256,11 @@ class KDTrainer(transformers.Trainer):
         if output_dir is not None:
             self.save_model(output_dir)
         return student
+
+
+def _kd_state_backend() -> Any:
+    """kdcore's checkpoint backend for the distillation state (a ``CheckpointBackend``)."""
+    return kd.registries().checkpoint_backends.get(KD_STATE_BACKEND)
 
 
 def _cross_entropy_sum(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
