@@ -1,9 +1,20 @@
-"""Shared fixtures: tiny models built from code, and plugin hosts made fresh per test."""
+"""Shared fixtures and helpers: tiny models built from code, plugin hosts made fresh per test,
+crafted checkpoints, a watch on what a restore runs, and manifest strategies for fuzzing."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
 import pytest
 import torch
+from kdcore_builtins import safetensors_format
 from torch import nn
 
 import kdcore as kd
@@ -55,3 +66,185 @@ def builtin_host() -> kd.PluginHost:
     host = kd.PluginHost(blocked=())
     with kd.use_host(host):
         yield host
+
+
+# ================================================================== checkpoints, crafted
+def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """A safetensors file holding ``tensors`` and ``metadata`` as given: nothing is checked, so
+    the manifest (``metadata["kdcore"]``) may be anything a crafted file could hold."""
+    with open(path, "wb") as file:
+        safetensors_format.write(file, tensors, metadata)
+    return path
+
+
+def crafted_manifest(teacher: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """The manifest ``kd.save`` writes for a :class:`TinyNet` distilled from :func:`make_teacher`
+    (``teacher``: another teacher spec), with top-level keys replaced by ``overrides``."""
+    manifest = {
+        "format": "kdcore.checkpoint",
+        "format_version": 1,
+        "kdcore_version": "0.1.0",
+        "student_class": "tests.conftest:TinyNet",
+        "modes": [
+            {
+                "name": "kd_loss",
+                "config": {
+                    "teacher_model": teacher
+                    or {"name": "callable", "target": "tests.conftest:make_teacher"},
+                    "criterion": [{"student": "", "teacher": "", "loss": {"name": "logits"}}],
+                    "loss_balancer": None,
+                    "expose_minimal_state_dict": True,
+                },
+                "missing": [],
+                "teacher_weights": False,
+            }
+        ],
+        "aliases": {},
+        "optimizer": None,
+    }
+    manifest.update(overrides)
+    return manifest
+
+
+def trained_model() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A distillation model and its Adam optimizer after one step (so the optimizer has state)."""
+    model = kd.convert(
+        TinyNet(),
+        [("kd_loss", {"teacher_model": make_teacher, "criterion": kd.LogitsDistillationLoss()})],
+    )
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4))
+    model.compute_kd_loss().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+# ================================================================== watching what runs
+_WATCHED_EVENTS = (
+    "os.system",
+    "os.exec",
+    "os.posix_spawn",
+    "os.spawn",
+    "os.fork",
+    "os.forkpty",
+    "subprocess.Popen",
+    "pickle.find_class",
+    "ctypes.dlopen",
+    "socket.connect",
+    "os.remove",
+    "os.rename",
+    "shutil.rmtree",
+)
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_recording: list[list[tuple[str, str]]] = []
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if not _recording:
+        return
+    generated = event == "compile" and _generated_by_kdcore_or_its_libraries(*args[:2])
+    if event in _WATCHED_EVENTS or (event == "compile" and not generated):
+        _recording[-1].append((event, repr(args)[:200]))
+    elif event == "open" and len(args) == 3:
+        _, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & _WRITE_FLAGS
+        )
+        if writing:
+            _recording[-1].append((event, repr(args)[:200]))
+
+
+def _generated_by_kdcore_or_its_libraries(source: Any, filename: Any) -> bool:
+    """attrs and cattrs generate methods, and typing evaluates string annotations ('Any',
+    'list[str]'), on first use of a class; eval or exec of a string from a file would not look
+    like either (any code passes through a compile event first; a code object itself could only
+    come from a pickle, which the pickle.find_class event catches)."""
+    name = str(filename)
+    if name.startswith(("<attrs generated", "<cattrs generated")):
+        return True
+    text = source.decode() if isinstance(source, bytes) else str(source)
+    return name == "<string>" and re.fullmatch(r"[\w.\[\], |]+", text) is not None
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only records while asked
+
+
+@contextlib.contextmanager
+def nothing_runs() -> Iterator[None]:
+    """Fail if the block spawns, execs, unpickles, writes a file or imports a new module."""
+    modules = set(sys.modules)
+    _recording.append([])
+    try:
+        yield
+    finally:
+        events = _recording.pop()
+    assert events == [], f"restore ran something: {events}"
+    assert set(sys.modules) - modules == set(), "restore imported a module"
+
+
+# ================================================================== fuzzing manifests
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8)
+    | st.sampled_from(["kd_loss", "callable", "logits", "os:system", "tests.conftest:TinyNet"]),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "format",
+                    "format_version",
+                    "modes",
+                    "aliases",
+                    "optimizer",
+                    "name",
+                    "config",
+                    "missing",
+                    "teacher_weights",
+                    "teacher_model",
+                    "criterion",
+                    "loss",
+                    "target",
+                    "params",
+                    "param_groups",
+                    "scalars",
+                ]
+            )
+            | st.text(max_size=6),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Any:
+    """A valid manifest with parts replaced by arbitrary JSON, or arbitrary JSON outright."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(JSON)
+    manifest = crafted_manifest()
+    for _ in range(draw(st.integers(1, 3))):
+        target: Any = manifest
+        keys: list[Any] = []
+        while isinstance(target, (dict, list)) and target and draw(st.booleans()):
+            key = draw(
+                st.sampled_from(sorted(target) if isinstance(target, dict) else range(len(target)))
+            )
+            keys.append(key)
+            target = target[key]
+        if not keys:
+            key = draw(st.sampled_from(sorted(manifest)))
+            keys = [key]
+        parent = manifest
+        for key in keys[:-1]:
+            parent = parent[key]
+        if draw(st.booleans()) and isinstance(parent, dict):
+            parent.pop(keys[-1], None)
+        else:
+            parent[keys[-1]] = draw(JSON)
+    return manifest

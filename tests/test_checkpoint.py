@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 import kdcore as kd
-from tests.conftest import TinyNet, make_teacher
+from tests.conftest import TinyNet, crafted_manifest, make_teacher, write_raw
 
 LABELS = torch.tensor([0, 1, 2, 0, 1])
 
@@ -69,12 +69,6 @@ def trained(batch: torch.Tensor, **overrides: Any) -> tuple[nn.Module, torch.opt
     for _ in range(3):
         step(model, optimizer, batch)
     return model, optimizer
-
-
-def write_raw(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    with open(path, "wb") as file:
-        safetensors_format.write(file, tensors, metadata)
-    return path
 
 
 def manifest_of(path: Path) -> dict[str, Any]:
@@ -301,33 +295,6 @@ def test_a_module_the_file_names_is_not_imported(tmp_path: Path) -> None:
     with pytest.raises(kd.UntrustedReferenceError, match="'antigravity' is not imported"):
         kd.restore(TinyNet(), path)
     assert "antigravity" not in sys.modules
-
-
-def crafted_manifest(teacher: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-    manifest = {
-        "format": "kdcore.checkpoint",
-        "format_version": 1,
-        "kdcore_version": "0.1.0",
-        "student_class": "tests.conftest:TinyNet",
-        "modes": [
-            {
-                "name": "kd_loss",
-                "config": {
-                    "teacher_model": teacher
-                    or {"name": "callable", "target": "tests.conftest:make_teacher"},
-                    "criterion": [{"student": "", "teacher": "", "loss": {"name": "logits"}}],
-                    "loss_balancer": None,
-                    "expose_minimal_state_dict": True,
-                },
-                "missing": [],
-                "teacher_weights": False,
-            }
-        ],
-        "aliases": {},
-        "optimizer": None,
-    }
-    manifest.update(overrides)
-    return manifest
 
 
 # ------------------------------------------------------------------ bad files

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import pickle
-import re
 import sys
 import tracemalloc
 import zipfile
@@ -27,76 +26,21 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from kdcore_builtins import safetensors_format, sharded_backends
+from kdcore_builtins import dcp_backend, safetensors_format
 from torch import nn
 
 import kdcore as kd
 from kdcore.checkpoint import CheckpointNotFoundError, parse_manifest
-from tests.conftest import TinyNet, make_teacher
-from tests.test_checkpoint import crafted_manifest, write_raw
-from tests.test_reliability_save_faults import trained_model
-
-# ================================================================== watching what runs
-_WATCHED_EVENTS = (
-    "os.system",
-    "os.exec",
-    "os.posix_spawn",
-    "os.spawn",
-    "os.fork",
-    "os.forkpty",
-    "subprocess.Popen",
-    "pickle.find_class",
-    "ctypes.dlopen",
-    "socket.connect",
-    "os.remove",
-    "os.rename",
-    "shutil.rmtree",
+from tests.conftest import (
+    JSON,
+    TinyNet,
+    crafted_manifest,
+    make_teacher,
+    manifests,
+    nothing_runs,
+    trained_model,
+    write_raw,
 )
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_recording: list[list[tuple[str, str]]] = []
-
-
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if not _recording:
-        return
-    generated = event == "compile" and _generated_by_kdcore_or_its_libraries(*args[:2])
-    if event in _WATCHED_EVENTS or (event == "compile" and not generated):
-        _recording[-1].append((event, repr(args)[:200]))
-    elif event == "open" and len(args) == 3:
-        _, mode, flags = args
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & _WRITE_FLAGS
-        )
-        if writing:
-            _recording[-1].append((event, repr(args)[:200]))
-
-
-def _generated_by_kdcore_or_its_libraries(source: Any, filename: Any) -> bool:
-    """attrs and cattrs generate methods, and typing evaluates string annotations ('Any',
-    'list[str]'), on first use of a class; eval or exec of a string from a file would not look
-    like either (any code passes through a compile event first; a code object itself could only
-    come from a pickle, which the pickle.find_class event catches)."""
-    name = str(filename)
-    if name.startswith(("<attrs generated", "<cattrs generated")):
-        return True
-    text = source.decode() if isinstance(source, bytes) else str(source)
-    return name == "<string>" and re.fullmatch(r"[\w.\[\], |]+", text) is not None
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only records while asked
-
-
-@contextlib.contextmanager
-def nothing_runs() -> Iterator[None]:
-    """Fail if the block spawns, execs, unpickles, writes a file or imports a new module."""
-    modules = set(sys.modules)
-    _recording.append([])
-    try:
-        yield
-    finally:
-        events = _recording.pop()
-    assert events == [], f"restore ran something: {events}"
-    assert set(sys.modules) - modules == set(), "restore imported a module"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,7 +111,7 @@ def assert_refused(
     counting = _CountingTorch()
     with contextlib.ExitStack() as stack:
         patch = stack.enter_context(pytest.MonkeyPatch.context())
-        for module in (safetensors_format, sharded_backends):
+        for module in (safetensors_format, dcp_backend):
             patch.setattr(module, "torch", counting)
         tracemalloc.start()
         try:
@@ -825,73 +769,6 @@ def test_random_byte_damage_is_refused_or_harmless(
 
 
 # ================================================================== 4. fuzzing the manifest
-JSON = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=True)
-    | st.text(max_size=8)
-    | st.sampled_from(["kd_loss", "callable", "logits", "os:system", "tests.conftest:TinyNet"]),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(
-            st.sampled_from(
-                [
-                    "format",
-                    "format_version",
-                    "modes",
-                    "aliases",
-                    "optimizer",
-                    "name",
-                    "config",
-                    "missing",
-                    "teacher_weights",
-                    "teacher_model",
-                    "criterion",
-                    "loss",
-                    "target",
-                    "params",
-                    "param_groups",
-                    "scalars",
-                ]
-            )
-            | st.text(max_size=6),
-            children,
-            max_size=5,
-        )
-    ),
-    max_leaves=12,
-)
-
-
-@st.composite
-def manifests(draw: st.DrawFn) -> Any:
-    """A valid manifest with parts replaced by arbitrary JSON, or arbitrary JSON outright."""
-    if draw(st.integers(0, 9)) == 0:
-        return draw(JSON)
-    manifest = crafted_manifest()
-    for _ in range(draw(st.integers(1, 3))):
-        target: Any = manifest
-        keys: list[Any] = []
-        while isinstance(target, (dict, list)) and target and draw(st.booleans()):
-            key = draw(
-                st.sampled_from(sorted(target) if isinstance(target, dict) else range(len(target)))
-            )
-            keys.append(key)
-            target = target[key]
-        if not keys:
-            key = draw(st.sampled_from(sorted(manifest)))
-            keys = [key]
-        parent = manifest
-        for key in keys[:-1]:
-            parent = parent[key]
-        if draw(st.booleans()) and isinstance(parent, dict):
-            parent.pop(keys[-1], None)
-        else:
-            parent[keys[-1]] = draw(JSON)
-    return manifest
-
-
 @settings(max_examples=2000, deadline=None, derandomize=True)
 @given(manifest=manifests() | JSON, text=st.text(max_size=40))
 def test_the_manifest_parser_raises_only_its_documented_errors(manifest: Any, text: str) -> None:

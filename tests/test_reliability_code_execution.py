@@ -22,9 +22,7 @@ import pytest
 import torch
 
 import kdcore as kd
-from tests.conftest import TinyNet, make_teacher
-from tests.test_checkpoint import crafted_manifest, write_raw
-from tests.test_reliability_checkpoints import nothing_runs
+from tests.conftest import TinyNet, crafted_manifest, make_teacher, nothing_runs, write_raw
 
 try:
     import transformers
@@ -261,7 +259,7 @@ class Lazy(metaclass=_LazyMeta):
 HEAVY_MODULE = """\
 from pathlib import Path
 
-from kdcore_builtins.criteria import LogitsDistillationLoss
+from kdcore import LogitsDistillationLoss
 
 Path({sentinel!r}).write_text("imported")  # importing this module is running its code
 
@@ -402,12 +400,10 @@ class Factories:
 @pytest.mark.parametrize("name", ["build", "make"])
 def test_a_name_nested_in_an_imported_class_restores_as_before(tmp_path: Path, name: str) -> None:
     """A loss class held by a class, and marked class or static methods, need no trust=."""
-    from kdcore_builtins.criteria import LogitsDistillationLoss
-
-    Factories.Loss = LogitsDistillationLoss  # type: ignore[attr-defined]
+    Factories.Loss = kd.LogitsDistillationLoss  # type: ignore[attr-defined]
     teacher = {"name": "callable", "target": f"{__name__}:Factories.{name}"}
     manifest = with_loss(f"{__name__}:Factories.Loss", teacher)
     path = checkpoint_naming(tmp_path / "plain.safetensors", **manifest)
     restored = kd.restore(TinyNet(), path)
-    assert type(first_loss(restored)) is LogitsDistillationLoss
+    assert type(first_loss(restored)) is kd.LogitsDistillationLoss
     assert torch.equal(restored.teacher_model.fc1.weight, make_teacher().fc1.weight)

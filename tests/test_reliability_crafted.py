@@ -30,10 +30,8 @@ from torch import nn
 import kdcore as kd
 from kdcore.checkpoint import inspect_checkpoint
 from kdcore.cli import main
-from tests.conftest import TinyNet
-from tests.test_checkpoint import crafted_manifest, write_raw
+from tests.conftest import JSON, TinyNet, crafted_manifest, manifests, write_raw
 from tests.test_plugin_manager import make_distribution
-from tests.test_reliability_checkpoints import JSON, manifests
 
 
 # ================================================================== helpers

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import kdcore as kd
-from kdcore import checkpoint
+from tests.conftest import TinyNet, trained_model
 
 ROOT = Path(__file__).parent.parent
 LAYERS, WIDTH = 2, 512  # 2 MiB of float32: a save takes long enough to be hit mid-way
@@ -197,20 +197,6 @@ class FullDisk:
         self._file.close()
 
 
-def trained_model() -> tuple[nn.Module, torch.optim.Optimizer]:
-    from tests.conftest import TinyNet, make_teacher
-
-    model = kd.convert(
-        TinyNet(),
-        [("kd_loss", {"teacher_model": make_teacher, "criterion": kd.LogitsDistillationLoss()})],
-    )
-    optimizer = torch.optim.Adam(model.parameters())
-    model(torch.randn(2, 4))
-    model.compute_kd_loss().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
@@ -230,8 +216,6 @@ def test_a_full_disk_at_any_byte_raises_a_clear_error_and_keeps_the_old_checkpoi
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, budget: str
 ) -> None:
     """The disk fills after ``budget`` of the bytes the save writes (in any of its files)."""
-    from tests.conftest import TinyNet
-
     model, optimizer = trained_model()
     options = BACKEND_OPTIONS[backend]
     path = kd.save(model, tmp_path / "run", backend=backend, optimizer=optimizer, **options)
@@ -244,7 +228,7 @@ def test_a_full_disk_at_any_byte_raises_a_clear_error_and_keeps_the_old_checkpoi
         return FullDisk(real_fdopen(descriptor, *args, **kwargs), remaining)
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint.os, "fdopen", fdopen)
+        patch.setattr(os, "fdopen", fdopen)
         if backend == "torch-dcp":  # DCP opens its own files: its tensor writes fail instead
             from torch.distributed.checkpoint import filesystem
 

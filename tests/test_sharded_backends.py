@@ -12,14 +12,15 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kdcore_builtins import safetensors_format, sharded_backends
-from kdcore_builtins.sharded_backends import DCP_MARKER, INDEX_NAME, parse_size
+from kdcore_builtins import safetensors_format
+from kdcore_builtins.sharded_safetensors import parse_size
 from safetensors import safe_open
 from torch import nn
 
@@ -30,6 +31,28 @@ from tests.conftest import TinyNet, make_teacher
 LABELS = torch.tensor([0, 1, 2, 0, 1])
 BACKENDS = [("safetensors-sharded", {"max_shard_size": 200}), ("torch-dcp", {})]
 ROOT = Path(__file__).parent.parent
+# The commit files of the two folder formats, as documented in docs/checkpoints.md.
+INDEX_NAME = "model.safetensors.index.json"
+DCP_MARKER = "kdcore-dcp.json"
+DCP_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
 
 
 class Projected(nn.Module):
@@ -561,7 +584,7 @@ def test_dcp_reads_every_dtype_and_layout_without_unpickling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = torch.randn(4, 6) * 3
-    tensors = {str(dtype): base.to(dtype) for dtype in sharded_backends._DTYPE_NAMES.values()}
+    tensors = {str(dtype): base.to(dtype) for dtype in DCP_DTYPES}
     tensors |= {
         "transposed": torch.randn(4, 3).t(),
         "channels_last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
@@ -882,59 +905,90 @@ def test_damaged_dcp_metadata_only_ever_raises_a_format_error(tmp_path: Path) ->
             backend.open(folder).close()
 
 
-def test_deeply_nested_pickles_are_refused_cleanly() -> None:
+def write_metadata(folder: Path, data: bytes) -> Path:
+    """Replace the .metadata pickle of the DCP checkpoint in ``folder`` with ``data``."""
+    path = dcp_checkpoint(folder) / ".metadata"
+    path.write_bytes(data)
+    return path
+
+
+def metadata_with(original: bytes, stand_in: str, replacement: bytes) -> bytes:
+    """The .metadata pickle ``original`` with ``stand_in`` (a string set in it) replaced by the
+    opcodes ``replacement``; protocol 2, so that no frame length has to change."""
+    real = pickle.loads(original)  # the test's own, trusted file
+    _storage_of(real, "fc1.weight").offset = stand_in
+    data = pickle.dumps(real, protocol=2)
+    encoded = stand_in.encode()
+    pushed = b"X" + len(encoded).to_bytes(4, "little") + encoded  # BINUNICODE
+    assert data.count(pushed) == 1
+    return data.replace(pushed, replacement)
+
+
+def test_deeply_nested_pickles_are_refused_cleanly(tmp_path: Path) -> None:
+    """Neither the pickle reader nor the checks nor the messages recurse on deep nesting."""
+    folder = kd.save(TinyNet(), tmp_path / "run", backend="torch-dcp")
+    original = (dcp_checkpoint(folder) / ".metadata").read_bytes()
     depth = 200_000
-    nested = b"\x80\x04N" + b"\x85" * depth  # None wrapped in 200k one-tuples
-    as_key = b"\x80\x04}" + nested[2:] + b"Ns."  # ... used as a dict key
-    with pytest.raises(sharded_backends._PickleRefusedError, match="dict key of type tuple"):
-        sharded_backends._evaluate_pickle(as_key, frozenset())
-    value = sharded_backends._evaluate_pickle(nested + b".", frozenset())
-    with pytest.raises(sharded_backends._ShapeError, match="is not a Metadata"):
-        sharded_backends._dcp_entries(value)
-    with pytest.raises(sharded_backends._ShapeError, match=r"got \(\(\(\(\.\.\.\),"):
-        sharded_backends._int(value, "x")
+    nested = b"N" + b"\x85" * depth  # None wrapped in 200k one-tuples
+    as_key = b"\x80\x04}" + nested + b"Ns."  # ... used as a dict key
+    metadata = write_metadata(folder, as_key)
+    assert_refused(folder, kd.CheckpointFormatError, "dict key of type tuple", metadata)
+    write_metadata(folder, b"\x80\x04" + nested + b".")
+    assert_refused(
+        folder,
+        kd.CheckpointFormatError,
+        "is not DCP metadata kdcore reads: the pickled object is not a Metadata",
+        metadata,
+    )
+    write_metadata(folder, metadata_with(original, "stand-in offset", nested))
+    assert_refused(
+        folder,
+        kd.CheckpointFormatError,
+        r"storage of 'fc1\.weight': offset must be a non-negative 64-bit integer, got "
+        r"\(\(\(\(\.\.\.\),",
+        metadata,
+    )
 
 
-def test_getattr_in_dcp_metadata_is_only_an_enum_member_lookup() -> None:
+def pickled_with_getattr(metadata: Any, lookup: Callable[[Any], tuple[Any, str]]) -> bytes:
+    """``metadata`` pickled with each memory-format enum member as ``getattr(*lookup(member))``,
+    as some Python 3.11 releases pickle enum members."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, _MEM_FORMAT_ENCODING):
+                return getattr, lookup(obj)
+            return NotImplemented
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=4).dump(metadata)
+    assert b"getattr" in buffer.getvalue()
+    return buffer.getvalue()
+
+
+def test_getattr_in_dcp_metadata_is_only_an_enum_member_lookup(
+    tmp_path: Path, batch: torch.Tensor
+) -> None:
     """Python 3.11.2 pickles enum members as getattr(EnumClass, "NAME"); nothing else passes."""
+    from torch.distributed.checkpoint.metadata import Metadata
 
-    from kdcore_builtins.sharded_backends import (
-        _METADATA_GLOBALS,
-        _evaluate_pickle,
-        _PickleRefusedError,
+    model = TinyNet()
+    folder = kd.save(model, tmp_path / "run", backend="torch-dcp")
+    real = pickle.loads((dcp_checkpoint(folder) / ".metadata").read_bytes())  # trusted
+    metadata = write_metadata(folder, pickled_with_getattr(real, lambda m: (type(m), m.name)))
+    assert torch.equal(kd.restore(TinyNet(), folder)(batch), model(batch))
+    write_metadata(folder, pickled_with_getattr(real, lambda m: (Metadata, "__reduce__")))
+    assert_refused(
+        folder,
+        kd.CheckpointFormatError,
+        r"uses builtins\.getattr on .*, not as an enum member lookup; refused without running",
+        metadata,
     )
-
-    def build(module: str, cls: str, attribute: str) -> bytes:
-        def unicode(text: str) -> bytes:
-            data = text.encode()
-            return b"\x8c" + bytes([len(data)]) + data
-
-        return (
-            b"\x80\x04"
-            + unicode("builtins")
-            + unicode("getattr")
-            + b"\x93"
-            + unicode(module)
-            + unicode(cls)
-            + b"\x93"
-            + unicode(attribute)
-            + b"\x86"
-            + b"R"
-            + b"."
-        )
-
-    member = _evaluate_pickle(
-        build(
-            "torch.distributed.checkpoint.metadata",
-            "_MEM_FORMAT_ENCODING",
-            "TORCH_CONTIGUOUS_FORMAT",
-        ),
-        _METADATA_GLOBALS,
+    write_metadata(folder, pickled_with_getattr(real, lambda m: (subprocess.Popen, "wait")))
+    assert_refused(
+        folder,
+        kd.CheckpointFormatError,
+        r"refers to subprocess\.Popen, which is not one of the classes this format uses",
+        metadata,
     )
-    assert member.args == ("TORCH_CONTIGUOUS_FORMAT",)
-    for module, cls, attribute in [
-        ("os", "path", "join"),
-        ("torch.distributed.checkpoint.metadata", "Metadata", "__reduce__"),
-    ]:
-        with pytest.raises(_PickleRefusedError):
-            _evaluate_pickle(build(module, cls, attribute), _METADATA_GLOBALS)

@@ -12,7 +12,8 @@ import kdcore
 from kdcore.checkpoint import CheckpointFormatError, CheckpointNotFoundError, atomic_write
 from kdcore.registry import Registry
 from kdcore_builtins import safetensors_format
-from kdcore_builtins.sharded_backends import DcpBackend, ShardedSafetensorsBackend
+from kdcore_builtins.dcp_backend import DcpBackend
+from kdcore_builtins.sharded_safetensors import ShardedSafetensorsBackend
 
 MANIFEST_KEY = "kdcore"
 
