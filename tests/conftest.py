@@ -4,12 +4,13 @@ crafted checkpoints, a watch on what a restore runs, and manifest strategies for
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import hypothesis.strategies as st
 import pytest
@@ -117,6 +118,50 @@ def trained_model() -> tuple[nn.Module, torch.optim.Optimizer]:
     model.compute_kd_loss().backward()
     optimizer.step()
     return model, optimizer
+
+
+class FullDisk:
+    """A file object that takes ``budget`` bytes, then fails as a full disk does."""
+
+    def __init__(self, file: IO[bytes], budget: list[int]) -> None:
+        self._file, self._budget = file, budget
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if size > self._budget[0]:
+            self._file.write(memoryview(data)[: self._budget[0]])
+            self._budget[0] = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._budget[0] -= size
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def __enter__(self) -> FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def disk_full_after(budget: int) -> Iterator[list[str]]:
+    """Every file opened through ``os.fdopen`` (as ``kd.save``'s atomic writes open theirs)
+    takes ``budget`` bytes in all, then fails as a full disk does; yields the modes of the
+    files opened for writing."""
+    remaining, real_fdopen, opened = [budget], os.fdopen, []
+
+    def fdopen(descriptor: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = real_fdopen(descriptor, mode, *args, **kwargs)
+        if "w" not in mode:
+            return file
+        opened.append(mode)
+        return FullDisk(file, remaining)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fdopen", fdopen)
+        yield opened
 
 
 # ================================================================== watching what runs

@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from kdcore_builtins import safetensors_format
 from safetensors import safe_open
 from torch import nn
 
 import kdcore as kd
-from tests.conftest import TinyNet, crafted_manifest, make_teacher, write_raw
+from tests.conftest import TinyNet, crafted_manifest, disk_full_after, make_teacher, write_raw
 
 LABELS = torch.tensor([0, 1, 2, 0, 1])
 
@@ -416,19 +415,14 @@ def test_optimizer_of_another_shape_is_refused_before_anything_changes(
 
 
 # ------------------------------------------------------------------ faults while saving
-def test_a_failed_write_leaves_the_previous_checkpoint(
-    tmp_path: Path, batch: torch.Tensor, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path: Path, batch: torch.Tensor) -> None:
     model, _ = trained(batch)
     path = kd.save(model, tmp_path / "run.safetensors")
     previous = path.read_bytes()
-
-    def disk_full(file: Any, tensors: Any, metadata: Any) -> None:
-        file.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors_format, "write", disk_full)
-    with pytest.raises(kd.CheckpointWriteError, match="the disk is full.*unchanged"):
+    with (
+        disk_full_after(7),
+        pytest.raises(kd.CheckpointWriteError, match="the disk is full.*unchanged"),
+    ):
         kd.save(model, path)
     assert path.read_bytes() == previous
     assert list(tmp_path.iterdir()) == [path]

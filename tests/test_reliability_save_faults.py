@@ -15,14 +15,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 import kdcore as kd
-from tests.conftest import TinyNet, trained_model
+from tests.conftest import FullDisk, TinyNet, trained_model
 
 ROOT = Path(__file__).parent.parent
 LAYERS, WIDTH = 2, 512  # 2 MiB of float32: a save takes long enough to be hit mid-way
@@ -172,31 +172,6 @@ def test_a_temporary_file_a_live_writer_holds_is_not_removed(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------ a full disk
-class FullDisk:
-    """A file object that takes ``budget`` bytes, then fails as a full disk does."""
-
-    def __init__(self, file: IO[bytes], budget: list[int]) -> None:
-        self._file, self._budget = file, budget
-
-    def write(self, data: Any) -> int:
-        size = memoryview(data).nbytes
-        if size > self._budget[0]:
-            self._file.write(memoryview(data)[: self._budget[0]])
-            self._budget[0] = 0
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._budget[0] -= size
-        return self._file.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._file, name)
-
-    def __enter__(self) -> FullDisk:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._file.close()
-
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()

@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from kdcore_builtins import safetensors_format
 from kdcore_builtins.sharded_safetensors import parse_size
 from safetensors import safe_open
 from torch import nn
 
 import kdcore as kd
 from kdcore.plugin_manager import registries
-from tests.conftest import TinyNet, make_teacher
+from tests.conftest import TinyNet, disk_full_after, make_teacher, write_raw
 
 LABELS = torch.tensor([0, 1, 2, 0, 1])
 BACKENDS = [("safetensors-sharded", {"max_shard_size": 200}), ("torch-dcp", {})]
@@ -298,20 +297,13 @@ def test_a_sharded_save_failing_midway_keeps_the_previous_checkpoint(
     before = {name: (folder / name).read_bytes() for name in files(folder)}
     expected = outputs(model, batch)
     step(model, optimizer, batch)  # the model moves on; the failed save must not show it
-    real_write = safetensors_format.write
-    calls = []
-
-    def disk_full_after_the_first_shard(file: Any, tensors: Any, metadata: Any) -> None:
-        calls.append(list(tensors))
-        if len(calls) > 1:
-            file.write(b"partial")
-            raise OSError(28, "No space left on device")
-        real_write(file, tensors, metadata)
-
-    monkeypatch.setattr(safetensors_format, "write", disk_full_after_the_first_shard)
-    with pytest.raises(kd.CheckpointWriteError, match=r"run: .*the disk is full.*unchanged"):
+    first_shard = min(name for name in before if name.endswith(".safetensors"))
+    with (
+        disk_full_after(len(before[first_shard])) as opened,
+        pytest.raises(kd.CheckpointWriteError, match=r"run: .*the disk is full.*unchanged"),
+    ):
         kd.save(model, folder, backend="safetensors-sharded", max_shard_size=200)
-    assert len(calls) == 2
+    assert len(opened) == 2, "the first shard was written, the second failed"
     assert {name: (folder / name).read_bytes() for name in files(folder)} == before
     assert torch.equal(kd.restore(TinyNet(), folder)(batch), expected)
 
@@ -535,8 +527,7 @@ def test_a_tensor_stored_in_two_shards_is_refused(tmp_path: Path) -> None:
     index = json.loads((folder / INDEX_NAME).read_text())
     shard = index["weight_map"]["fc2.bias"]
     tensors = {"fc2.bias": torch.zeros(3), "fc1.bias": torch.zeros(8)}
-    with open(folder / shard, "wb") as file:
-        safetensors_format.write(file, tensors, {"format": "pt"})
+    write_raw(folder / shard, tensors, {"format": "pt"})
     assert_refused(
         folder, kd.CheckpointFormatError, r"tensor 'fc1\.bias' is stored twice", folder / INDEX_NAME
     )
