@@ -293,3 +293,17 @@ def manifests(draw: st.DrawFn) -> Any:
         else:
             parent[keys[-1]] = draw(JSON)
     return manifest
+
+
+#: The divergence cases the divergence tests run: name -> (divergence, its arguments besides
+#: temperature and reduction); ``topk_kl_tail`` is ``topk_kl`` with a tail bucket.
+DIVERGENCE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "forward_kl": ("forward_kl", {}),
+    "reverse_kl": ("reverse_kl", {}),
+    "jsd": ("jsd", {"beta": 0.3}),
+    "skew_kl": ("skew_kl", {"alpha": 0.2}),
+    "skew_reverse_kl": ("skew_reverse_kl", {"alpha": 0.2}),
+    "tvd": ("tvd", {}),
+    "topk_kl": ("topk_kl", {"k": 4}),
+    "topk_kl_tail": ("topk_kl", {"k": 4, "tail_bucket": True}),
+}

@@ -20,27 +20,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kdcore_builtins import divergences
+from kdcore_builtins.divergences import chunked as chunked_divergences
 from kdcore_builtins.divergences import fused_linear_divergence, logit_divergence
 from torch import nn
 
 import kdcore as kd
 from kdcore.record import init_kwargs
+from tests.conftest import DIVERGENCE_CASES
 
 F64 = {"atol": 1e-12, "rtol": 1e-10}
 F32 = {"atol": 1e-6, "rtol": 1e-5}
 REDUCTIONS = ("mean", "sum", "batchmean", "none")
 
-#: registered name -> (divergence, constructor kwargs besides temperature and reduction)
-NAMES: dict[str, tuple[str, dict[str, Any]]] = {
-    "forward_kl": ("forward_kl", {}),
-    "reverse_kl": ("reverse_kl", {}),
-    "jsd": ("jsd", {"beta": 0.3}),
-    "skew_kl": ("skew_kl", {"alpha": 0.2}),
-    "skew_reverse_kl": ("skew_reverse_kl", {"alpha": 0.2}),
-    "tvd": ("tvd", {}),
-    "topk_kl": ("topk_kl", {"k": 4}),
-    "topk_kl_tail": ("topk_kl", {"k": 4, "tail_bucket": True}),
-}
+NAMES = DIVERGENCE_CASES
 
 
 @pytest.fixture
@@ -54,7 +46,7 @@ def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     forward); "many chunks" forces 2 rows a chunk for vocabularies up to 12, so backward
     recomputes chunk by chunk."""
     if request.param == "many chunks":
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 24)
+        monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 24)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -194,7 +186,9 @@ def test_many_chunks_give_the_same_result_as_one(
     loss = build(criteria, name, reduction="sum")
     s, t = logits(23, 11), logits(23, 11)
     whole = value_and_grad(loss, s, t)
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 3 * 11 - 1)  # 2 rows a chunk: 12 chunks
+    monkeypatch.setattr(
+        chunked_divergences, "CHUNK_ELEMENTS", 3 * 11 - 1
+    )  # 2 rows a chunk: 12 chunks
     chunked = value_and_grad(loss, s, t)
     torch.testing.assert_close(chunked, whole, **F64)
 
@@ -462,7 +456,7 @@ def saved_by_autograd(fn: Any) -> list[torch.Tensor]:
 def test_forward_saves_only_its_inputs_and_two_floats_per_row(
     criteria: Any, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 500)  # 10 rows a chunk: 7 chunks
+    monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 500)  # 10 rows a chunk: 7 chunks
     rows, vocab = 64, 50
     s = logits(rows, vocab, dtype=torch.float32).requires_grad_()
     t = logits(rows, vocab, dtype=torch.float32)
@@ -483,7 +477,7 @@ def test_inputs_of_one_chunk_save_at_most_one_chunk(criteria: Any, name: str) ->
 def test_backward_writes_one_gradient_and_keeps_no_float32_copy_of_half_inputs(
     criteria: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 640)
+    monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 640)
     s = logits(32, 64, dtype=torch.bfloat16).requires_grad_()
     t = logits(32, 64, dtype=torch.bfloat16)
     saved = saved_by_autograd(lambda: criteria.get("skew_kl")()(s, t))

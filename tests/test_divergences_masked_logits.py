@@ -19,27 +19,18 @@ from typing import Any
 
 import pytest
 import torch
-from kdcore_builtins import divergences
+from kdcore_builtins.divergences import chunked as chunked_divergences
 from torch import nn
 
 import kdcore as kd
+from tests.conftest import DIVERGENCE_CASES
 
 F64 = {"atol": 1e-12, "rtol": 1e-10}
 MASKED = -1.0e4  # stands for -inf in the gradient references
 PATTERNS = ("teacher", "student", "same", "different")
 PATHS = ("one chunk", "many chunks", "fused sum", "fused none")
 
-#: name -> (divergence, its arguments)
-NAMES: dict[str, tuple[str, dict[str, Any]]] = {
-    "forward_kl": ("forward_kl", {}),
-    "reverse_kl": ("reverse_kl", {}),
-    "jsd": ("jsd", {"beta": 0.3}),
-    "skew_kl": ("skew_kl", {"alpha": 0.2}),
-    "skew_reverse_kl": ("skew_reverse_kl", {"alpha": 0.2}),
-    "tvd": ("tvd", {}),
-    "topk_kl": ("topk_kl", {"k": 4}),
-    "topk_kl_tail": ("topk_kl", {"k": 4, "tail_bucket": True}),
-}
+NAMES = DIVERGENCE_CASES
 #: divergences whose gradient has no finite limit where their value is +inf: zero there
 ZERO_GRADIENT_WHEN_INFINITE = {"reverse_kl"}
 
@@ -235,7 +226,7 @@ def test_masked_classes_give_the_limit_value_and_gradient(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     if path == "many chunks":
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 20)  # 2 rows a chunk: 4 chunks
+        monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 20)  # 2 rows a chunk: 4 chunks
     if path.startswith("fused"):
         check_fused(criteria, name, pattern, temperature, reduction=path.split()[1])
         return
@@ -303,7 +294,7 @@ def test_topk_keeps_only_classes_the_teacher_gives_mass_whatever_the_ties(
     at -inf and are never among them), so the value is the KL over those 2 classes (plus an
     empty tail), whichever masked columns come first."""
     if path == "many chunks":
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 20)
+        monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 20)
     s, t = logits(5, 9), logits(5, 9)
     teacher_mask = torch.ones(5, 9, dtype=torch.bool)
     teacher_mask[:, [2, 6]] = False
@@ -346,7 +337,7 @@ def test_topk_without_tail_is_infinite_where_the_student_masks_every_kept_class(
     criteria: Any, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if path == "many chunks":
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 20)
+        monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 20)
     s, t = logits(3, 9), logits(3, 9)
     top = t.topk(4, dim=-1).indices
     s[0].scatter_(0, top[0], -math.inf)
@@ -366,7 +357,7 @@ def test_a_row_masked_entirely_on_one_side_is_nan_unless_ignored(
     """Every logit of one side -inf: no distribution, so that row is NaN (value and gradient)
     and the others are unaffected; labelled ignore_index, the row is never read."""
     if path == "many chunks":
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 20)
+        monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 20)
     student_mask, teacher_mask = masks("same", 6, 9)
     s, t = masked(logits(6, 9), student_mask), masked(logits(6, 9), teacher_mask)
     (s if side == "student" else t)[2] = -math.inf
@@ -414,7 +405,7 @@ def test_a_nan_logit_is_never_hidden_by_the_masking_rules(
 ) -> None:
     """0 log 0 = 0 must not swallow a NaN from a diverged model: that row stays NaN."""
     if path == "many chunks":
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 20)
+        monkeypatch.setattr(chunked_divergences, "CHUNK_ELEMENTS", 20)
     student_mask, teacher_mask = masks("same", 6, 9)
     s, t = masked(logits(6, 9), student_mask), masked(logits(6, 9), teacher_mask)
     (s if side == "student" else t)[3, 5] = math.nan

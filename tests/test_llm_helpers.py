@@ -1,6 +1,6 @@
 """The LLM helpers: causal shift, -100 masks and token normalisation.
 
-The normalisation rule (kdcore_builtins.llm): each micro-batch backwards its summed loss over the
+The normalisation rule (kdcore.llm): each micro-batch backwards its summed loss over the
 step's global token count, times the data-parallel world size. Tested here: accumulating
 micro-batches that way equals the full-batch per-token loss (value and gradient, within 1e-6),
 while averaging per micro-batch does not; and the count is summed across real ranks (two gloo
@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from kdcore_builtins import llm
 from kdcore_builtins.divergences import logit_divergence
 
 import kdcore as kd
+from kdcore import llm
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 

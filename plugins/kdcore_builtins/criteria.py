@@ -11,45 +11,18 @@ from torch import nn
 
 import kdcore
 from kdcore.registry import Registry
+from kdcore.validation import (
+    IGNORE_INDEX,
+    as_logits,
+    check_ignore_index,
+    check_labels,
+    check_number,
+    check_positive_int,
+    check_reduction,
+    check_temperature,
+    check_unit_interval,
+)
 from kdcore_builtins.divergences import ForwardKLLoss
-
-IGNORE_INDEX = -100
-REDUCTIONS = ("mean", "sum", "batchmean", "none")
-
-
-def as_logits(output: Any, side: str) -> torch.Tensor:
-    """The logits tensor of a model output: the tensor itself, ``.logits``, or a tuple's first."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"expected the {side} output to be a logits tensor (or to have .logits), "
-        f"got {type(output).__name__}"
-    )
-
-
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-    return float(temperature)
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    return reduction
 
 
 def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
@@ -101,14 +74,10 @@ class MFTLoss(nn.Module):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise TypeError(f"threshold must be a number, got {threshold!r}")
-        if not 0 <= threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
-        self.threshold = float(threshold)
-        self.reduction = _check_reduction(reduction)
-        self.ignore_index = ignore_index
+        self.temperature = check_temperature(temperature)
+        self.threshold = check_unit_interval("threshold", threshold, upper_open=True)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(
         self, student_output: Any, teacher_output: Any, labels: torch.Tensor
@@ -116,11 +85,7 @@ class MFTLoss(nn.Module):
         student = as_logits(student_output, "student")
         teacher = as_logits(teacher_output, "teacher")
         _check_same_shape(student, teacher, type(self).__name__)
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-            raise TypeError(
-                f"MFTLoss: labels must be an integer tensor, got "
-                f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
-            )
+        check_labels(labels, "MFTLoss")
         positions_shape = student.shape[:-1]
         classes = student.shape[-1]
         student, teacher = student.reshape(-1, classes), teacher.reshape(-1, classes)
@@ -181,20 +146,12 @@ class MGDLoss(nn.Module):
         lambda_mgd: float = 0.65,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("num_student_channels", num_student_channels),
-            ("num_teacher_channels", num_teacher_channels),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not math.isfinite(_check_number("alpha_mgd", alpha_mgd)):
+        self.num_student_channels = check_positive_int("num_student_channels", num_student_channels)
+        self.num_teacher_channels = check_positive_int("num_teacher_channels", num_teacher_channels)
+        self.alpha_mgd = check_number("alpha_mgd", alpha_mgd)
+        if not math.isfinite(self.alpha_mgd):
             raise ValueError(f"alpha_mgd must be finite, got {alpha_mgd!r}")
-        if not 0 <= _check_number("lambda_mgd", lambda_mgd) <= 1:
-            raise ValueError(f"lambda_mgd must be in [0, 1], got {lambda_mgd!r}")
-        self.num_student_channels = num_student_channels
-        self.num_teacher_channels = num_teacher_channels
-        self.alpha_mgd = float(alpha_mgd)
-        self.lambda_mgd = float(lambda_mgd)
+        self.lambda_mgd = check_unit_interval("lambda_mgd", lambda_mgd)
         self.align: nn.Module = (
             nn.Conv2d(num_student_channels, num_teacher_channels, kernel_size=1)
             if num_student_channels != num_teacher_channels
@@ -238,9 +195,7 @@ class MSELoss(nn.MSELoss):
     """Mean squared error between paired outputs (FitNets-style hint loss when shapes match)."""
 
     def __init__(self, reduction: str = "mean") -> None:
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be one of mean, sum, none; got {reduction!r}")
-        super().__init__(reduction=reduction)
+        super().__init__(reduction=check_reduction(reduction, ("mean", "sum", "none")))
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
         _check_same_shape(student_output, teacher_output, type(self).__name__)

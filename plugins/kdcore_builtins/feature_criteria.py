@@ -29,7 +29,18 @@ from torch import nn
 
 import kdcore
 from kdcore.registry import Registry
-from kdcore_builtins.criteria import IGNORE_INDEX, _check_number, _check_temperature, as_logits
+from kdcore.validation import (
+    IGNORE_INDEX,
+    as_logits,
+    check_ignore_index,
+    check_labels,
+    check_non_negative,
+    check_number,
+    check_positive,
+    check_positive_int,
+    check_reduction,
+    check_temperature,
+)
 
 FEATURE_REDUCTIONS = ("mean", "sum", "none")
 
@@ -53,34 +64,6 @@ def _shapes(student: torch.Tensor, teacher: torch.Tensor) -> str:
 def feature_dim(features: torch.Tensor) -> int:
     """The features' dim: 1 for a 4-D ``[N, C, H, W]`` map, the last dim otherwise."""
     return 1 if features.dim() == 4 else features.dim() - 1
-
-
-def _check_width(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_non_negative(name: str, value: Any) -> float:
-    number = _check_number(name, value)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    return number
-
-
-def _check_positive(name: str, value: Any) -> float:
-    number = _check_number(name, value)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return number
-
-
-def _check_feature_reduction(reduction: Any) -> str:
-    if reduction not in FEATURE_REDUCTIONS:
-        raise ValueError(
-            f"reduction must be one of {', '.join(FEATURE_REDUCTIONS)}; got {reduction!r}"
-        )
-    return str(reduction)
 
 
 def _flat_batch(
@@ -157,9 +140,9 @@ class FitNetLoss(nn.Module):
 
     def __init__(self, student_width: int, teacher_width: int, reduction: str = "mean") -> None:
         super().__init__()
-        self.student_width = _check_width("student_width", student_width)
-        self.teacher_width = _check_width("teacher_width", teacher_width)
-        self.reduction = _check_feature_reduction(reduction)
+        self.student_width = check_positive_int("student_width", student_width)
+        self.teacher_width = check_positive_int("teacher_width", teacher_width)
+        self.reduction = check_reduction(reduction, FEATURE_REDUCTIONS)
         self.projection = _projection(student_width, teacher_width)
 
     def forward(self, student_output: Any, teacher_output: Any) -> torch.Tensor:
@@ -208,10 +191,10 @@ class HiddenStateCosineLoss(nn.Module):
         self.teacher_width = teacher_width
         self.projection: nn.Module | None = None
         if student_width is not None and teacher_width is not None:
-            _check_width("student_width", student_width)
-            _check_width("teacher_width", teacher_width)
+            check_positive_int("student_width", student_width)
+            check_positive_int("teacher_width", teacher_width)
             self.projection = _projection(student_width, teacher_width)
-        self.reduction = _check_feature_reduction(reduction)
+        self.reduction = check_reduction(reduction, FEATURE_REDUCTIONS)
 
     def forward(
         self,
@@ -284,7 +267,7 @@ class AttentionTransferLoss(nn.Module):
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
-        self.p = _check_number("p", p)
+        self.p = check_number("p", p)
         if not 1 <= self.p < math.inf:  # |A|**p with p < 1 has no gradient where A is 0
             raise ValueError(f"p must be finite and >= 1, got {p!r}")
 
@@ -370,8 +353,8 @@ class RKDLoss(nn.Module):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
-        self.distance_weight = _check_non_negative("distance_weight", distance_weight)
-        self.angle_weight = _check_non_negative("angle_weight", angle_weight)
+        self.distance_weight = check_non_negative("distance_weight", distance_weight)
+        self.angle_weight = check_non_negative("angle_weight", angle_weight)
         if self.distance_weight == 0 and self.angle_weight == 0:
             raise ValueError(
                 f"distance_weight={distance_weight!r} and angle_weight={angle_weight!r} are both "
@@ -470,12 +453,10 @@ class DKDLoss(nn.Module):
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
         super().__init__()
-        self.alpha = _check_non_negative("alpha", alpha)
-        self.beta = _check_non_negative("beta", beta)
-        self.temperature = _check_temperature(temperature)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        self.ignore_index = ignore_index
+        self.alpha = check_non_negative("alpha", alpha)
+        self.beta = check_non_negative("beta", beta)
+        self.temperature = check_temperature(temperature)
+        self.ignore_index = check_ignore_index(ignore_index)
 
     def forward(
         self, student_output: Any, teacher_output: Any, labels: torch.Tensor
@@ -487,11 +468,7 @@ class DKDLoss(nn.Module):
             raise ValueError(
                 f"{owner}: student and teacher logits differ in shape ({_shapes(student, teacher)})"
             )
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-            raise TypeError(
-                f"{owner}: labels must be an integer tensor, got "
-                f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
-            )
+        check_labels(labels, owner)
         classes, logits_shape = student.shape[-1], tuple(student.shape)
         if classes < 2:
             raise ValueError(f"{owner} needs at least 2 classes, got logits {logits_shape}")
@@ -561,9 +538,9 @@ class DISTLoss(nn.Module):
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> None:
         super().__init__()
-        self.beta = _check_non_negative("beta", beta)
-        self.gamma = _check_non_negative("gamma", gamma)
-        self.tau = _check_positive("tau", tau)
+        self.beta = check_non_negative("beta", beta)
+        self.gamma = check_non_negative("gamma", gamma)
+        self.tau = check_positive("tau", tau)
 
     def pearson(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Row-wise Pearson correlation of two ``[N, C]`` tensors."""

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-from kdcore_builtins import llm
 from torch import nn
 from transformers.trainer_utils import EvalLoopOutput
 
 import kdcore as kd
+from kdcore import llm
 from kdcore.errors import ConfigError, DistillationStateError
 from kdcore.model import DistillationModel, is_distillation_model
 

@@ -25,7 +25,7 @@ times the weight; the result depends on how the batch was split, and differs fro
 full-batch loss. DDP then *averages* gradients over the ``W`` ranks, so multiply by ``W``
 (:func:`token_normalized` does both): ``loss_{m, r} = S_{m, r} * W / N``.
 
-With kdcore::
+With kdcore (``from kdcore import llm``)::
 
     n = llm.num_items_in_batch([mb["labels"] for mb in micro_batches], shift=True)
     for mb in micro_batches:
@@ -34,7 +34,7 @@ With kdcore::
                                         num_items_in_batch=n)   # batchmean: sum / n
         (kd_loss * llm.data_parallel_world_size()).backward()
 
-(the divergences of :mod:`kdcore_builtins.divergences` with ``reduction="batchmean"`` divide
+(the divergences of the built-in divergence criteria with ``reduction="batchmean"`` divide
 their sum by ``num_items_in_batch``; normalise the student's cross-entropy the same way, with
 ``reduction="sum"`` and ``/ n``).
 """
@@ -45,15 +45,21 @@ from collections.abc import Iterable
 
 import torch
 
-IGNORE_INDEX = -100
+from kdcore.validation import IGNORE_INDEX, check_labels
+
+__all__ = [
+    "IGNORE_INDEX",
+    "causal_shift",
+    "count_tokens",
+    "data_parallel_world_size",
+    "num_items_in_batch",
+    "shift_labels",
+    "token_normalized",
+]
 
 
 def _check_labels(labels: object, what: str) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(
-            f"{what}: labels must be an integer tensor, got "
-            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
-        )
+    labels = check_labels(labels, what)
     if labels.dim() == 0:
         raise ValueError(f"{what}: labels must have a sequence dimension, got a scalar")
     return labels

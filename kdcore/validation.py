@@ -1,0 +1,141 @@
+"""Argument checks shared by criteria, built-in and third-party.
+
+Each check returns the value it accepts (converted where that helps: numbers to ``float``) and
+raises ``TypeError`` for a value of the wrong type, ``ValueError`` for one out of range, with a
+message naming the argument and the value::
+
+    from kdcore.validation import (
+        IGNORE_INDEX, check_ignore_index, check_reduction, check_temperature)
+
+    class MyLoss(nn.Module):
+        def __init__(self, temperature=1.0, reduction="mean", ignore_index=IGNORE_INDEX):
+            super().__init__()
+            self.temperature = check_temperature(temperature)
+            self.reduction = check_reduction(reduction)
+            self.ignore_index = check_ignore_index(ignore_index)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+#: The label of positions that do not count (prompt, padding), as PyTorch and Hugging Face use it.
+IGNORE_INDEX = -100
+#: The reductions of the logit criteria; feature criteria accept those but ``"batchmean"``.
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+
+__all__ = [
+    "IGNORE_INDEX",
+    "REDUCTIONS",
+    "as_logits",
+    "check_ignore_index",
+    "check_int",
+    "check_labels",
+    "check_non_negative",
+    "check_number",
+    "check_positive",
+    "check_positive_int",
+    "check_reduction",
+    "check_temperature",
+    "check_unit_interval",
+]
+
+
+def check_number(name: str, value: Any) -> float:
+    """``value`` as a float; a bool is not a number here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    number = check_number(name, value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return number
+
+
+def check_positive(name: str, value: Any) -> float:
+    number = check_number(name, value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return number
+
+
+def check_temperature(temperature: Any) -> float:
+    """A softmax temperature: finite and > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if not temperature > 0 or temperature == math.inf:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_unit_interval(name: str, value: Any, *, upper_open: bool = False) -> float:
+    """A number in [0, 1] (or [0, 1) with ``upper_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        raise ValueError(f"{name} must be in [0, 1{')' if upper_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, *, minimum: int) -> int:
+    """An int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """A size or count: an int > 0 (``ValueError`` for anything else, as for a width of 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_reduction(reduction: Any, allowed: Sequence[str] = REDUCTIONS) -> str:
+    """One of ``allowed`` (by default :data:`REDUCTIONS`)."""
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(allowed)}; got {reduction!r}")
+    return str(reduction)
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return ignore_index
+
+
+def check_labels(labels: Any, what: str) -> torch.Tensor:
+    """``labels`` as given, if it is an integer (or bool) tensor; ``what`` prefixes the error."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(
+            f"{what}: labels must be an integer tensor, got "
+            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+        )
+    return labels
+
+
+def as_logits(output: Any, side: str) -> torch.Tensor:
+    """The logits tensor of a model output: the tensor itself, ``.logits``, or a tuple's first.
+
+    ``side`` (``"student"`` or ``"teacher"``) names the output in the error.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"expected the {side} output to be a logits tensor (or to have .logits), "
+        f"got {type(output).__name__}"
+    )
