@@ -10,6 +10,7 @@ of the autograd functions, and the fused loss end to end through ``kd.convert``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -650,6 +651,17 @@ def test_the_divergences_plugin_registers_its_names(builtin_host: kd.PluginHost)
     for name in [*names, "fused_logits"]:
         assert registry.provider(name).plugin == "divergences"
     assert registry.provider("logits").plugin == "criteria"
+
+
+def test_each_divergence_of_the_table_is_registered_as_its_loss_class(
+    builtin_host: kd.PluginHost,
+) -> None:
+    registry = builtin_host.registries.criteria
+    for name, divergence in divergences.DIVERGENCES.items():
+        loss = registry.get(name)
+        assert loss.divergence == name
+        constructor = list(inspect.signature(loss).parameters)
+        assert constructor[: len(divergence.parameters)] == list(divergence.parameters)
 
 
 @pytest.mark.parametrize(
