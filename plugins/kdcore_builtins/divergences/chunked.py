@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kdcore.validation import (
-    IGNORE_INDEX,
-)
+from kdcore.validation import IGNORE_INDEX
 from kdcore_builtins.divergences.kernels import Kernel, _ForwardKL, checked_kernel, zero_where_nan_
 from kdcore_builtins.divergences.masks import (
     DEFAULT_MAX_VOCAB_PADDING,
@@ -41,8 +39,6 @@ from kdcore_builtins.divergences.masks import (
 #: the inputs at 2048 x 32000, forward KL: 1M 0.25x the plain formula's, 2M 0.27x, 4M 0.30x with
 #: swings to 0.35x); 2M is the compromise.
 CHUNK_ELEMENTS = 1 << 21
-#: Elements of logits per chunk in the fused loss (larger, for efficient matrix products).
-FUSED_CHUNK_ELEMENTS = 1 << 23
 #: Padded teacher columns sit this far below the row's maximum: exp() underflows to exactly 0
 #: in float32 and float64, while every difference stays finite (no inf - inf, no 0 * inf).
 _PAD_BELOW_MAX = 1.0e4
@@ -267,7 +263,8 @@ def logit_divergence(
 
     ``divergence`` is one of ``forward_kl`` (KL(q || p), Hinton's KD), ``reverse_kl``, ``jsd``
     (``beta``), ``skew_kl``/``skew_reverse_kl`` (``alpha``), ``tvd`` and ``topk_kl`` (``k``,
-    ``tail_bucket``); the classes below document each. Arguments are checked as the classes
+    ``tail_bucket``); their loss classes (:mod:`kdcore_builtins.divergences.losses`) document
+    each. Arguments are checked as the classes
     check them.
     """
     kernel = checked_kernel(divergence, beta=beta, alpha=alpha, k=k, tail_bucket=tail_bucket)

@@ -11,10 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from kdcore.validation import (
-    IGNORE_INDEX,
-    check_int,
-)
+from kdcore.validation import IGNORE_INDEX, check_int
 from kdcore_builtins.divergences.chunked import (
     ChunkSpec,
     Rows,

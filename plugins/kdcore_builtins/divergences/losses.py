@@ -7,10 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kdcore.validation import (
-    IGNORE_INDEX,
-    as_logits,
-)
+from kdcore.validation import IGNORE_INDEX, as_logits
 from kdcore_builtins.divergences.chunked import chunked_divergence
 from kdcore_builtins.divergences.kernels import (
     DIVERGENCES,
@@ -130,8 +127,8 @@ class GeneralizedJSDLoss(LogitDivergenceLoss):
     them: ``beta = 0`` is the forward KL ``KL(q || p)``, ``beta = 1`` the reverse KL
     ``KL(p || q)`` (the mixture formula itself vanishes at both ends). Unlike TRL, the result is
     multiplied by ``T**2`` like every loss here (at ``T = 1`` the values agree), and
-    ``"batchmean"`` follows this module's rule (TRL divides by batch x sequence length: pass
-    ``labels`` to get a per-token mean).
+    ``"batchmean"`` follows the rule of :mod:`kdcore_builtins.divergences` (TRL divides by
+    batch x sequence length: pass ``labels`` to get a per-token mean).
     """
 
     divergence = "jsd"
