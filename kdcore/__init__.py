@@ -9,14 +9,14 @@
     loss = model.compute_kd_loss()
     student = kd.export(model)
 
-Criteria, balancers, teacher loaders, checkpoint backends and modes are plugins; the classes
-below that name one (``kd.LogitsDistillationLoss``...) are looked up in the registries on first
-access, so ``import kdcore`` loads no plugin.
+Criteria, balancers, teacher loaders and checkpoint backends are plugins; the classes below that
+name one (``kd.LogitsDistillationLoss``...) are looked up in the registries on first access, so
+``import kdcore`` loads no plugin.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdcore.balancer import DistillationLossBalancer, StudentLossWeightWarning
 from kdcore.checkpoint import (
@@ -42,6 +42,7 @@ from kdcore.errors import (
     UnknownPluginError,
 )
 from kdcore.hookspecs import hookimpl
+from kdcore.layerwise import LayerwiseDistillationModel
 from kdcore.model import DistillationModel, DuplicateCaptureWarning
 from kdcore.modes import NotADistillationModelWarning, check, convert, export
 from kdcore.plugin_manager import PluginHost, PluginWarning, registries, use_host
@@ -50,26 +51,28 @@ from kdcore.references import UntrustedReferenceError, teacher_factory
 
 __version__ = "0.1.0"
 
-# Public names provided by the built-in plugins: (registry, registered name, attribute).
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the registries answer
+    from kdcore_builtins.balancers import StaticLossBalancer
+    from kdcore_builtins.criteria import LogitsDistillationLoss, MFTLoss, MGDLoss, MSELoss
+
+# Public names provided by the built-in plugins: (registry, registered name).
 _PLUGIN_PROVIDED = {
-    "LogitsDistillationLoss": ("criteria", "logits", None),
-    "MFTLoss": ("criteria", "mft", None),
-    "MGDLoss": ("criteria", "mgd", None),
-    "MSELoss": ("criteria", "mse", None),
-    "StaticLossBalancer": ("balancers", "static", None),
-    "LayerwiseDistillationModel": ("modes", "layerwise_kd", "model_class"),
+    "LogitsDistillationLoss": ("criteria", "logits"),
+    "MFTLoss": ("criteria", "mft"),
+    "MGDLoss": ("criteria", "mgd"),
+    "MSELoss": ("criteria", "mse"),
+    "StaticLossBalancer": ("balancers", "static"),
 }
 
 
 def __getattr__(name: str) -> Any:
     if name not in _PLUGIN_PROVIDED:
         raise AttributeError(f"module 'kdcore' has no attribute {name!r}")
-    registry_name, registered, attribute = _PLUGIN_PROVIDED[name]
+    registry_name, registered = _PLUGIN_PROVIDED[name]
     try:
-        obj = getattr(registries(), registry_name).get(registered)
+        return getattr(registries(), registry_name).get(registered)
     except KDCoreError as exc:  # hasattr() and getattr(kd, name, default) expect AttributeError
         raise AttributeError(f"kdcore.{name} is not available: {exc}") from exc
-    return getattr(obj, attribute) if attribute else obj
 
 
 def __dir__() -> list[str]:

@@ -14,7 +14,7 @@ import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal, TypeGuard, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, overload
 
 import attrs
 import torch
@@ -24,6 +24,9 @@ from torch.utils.hooks import RemovableHandle
 from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer, StudentLossWeightWarning
 from kdcore.errors import DistillationStateError, did_you_mean
 from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair, split_layer
+
+if TYPE_CHECKING:
+    from kdcore.record import ModeRecord
 
 TEACHER = "_teacher_model"
 LOSS_MODULES = "_loss_modules"
@@ -53,7 +56,7 @@ class DistillationState:
     handles: list[RemovableHandle] = attrs.field(factory=list)
     only_student: bool = False
     only_teacher: bool = False
-    modes: list[Any] = attrs.field(factory=list)  # kdcore.record.ModeRecord, in order
+    modes: list[ModeRecord] = attrs.field(factory=list)  # in order
     capturing: bool = False  # only outputs of the meta-model's own forward are captured
     warned_missing_student_loss: bool = False
     captures_whole_student: bool = attrs.field(init=False)
@@ -114,27 +117,43 @@ class DistillationModel(nn.Module):
     """
 
     _kd: DistillationState
-    _kd_state_class: type[DistillationState] = DistillationState
+    #: Subclasses that keep more state subclass :class:`DistillationState` and name it here.
+    kd_state_class: type[DistillationState] = DistillationState
 
     # ----------------------------------------------------------------- conversion
     @classmethod
-    def convert(cls, student: nn.Module, plan: DistillationPlan) -> DistillationModel:
-        """Turn ``student`` (in place) into an instance of ``cls`` following a checked plan."""
+    def convert(
+        cls, student: nn.Module, plan: DistillationPlan, record: ModeRecord | None = None
+    ) -> DistillationModel:
+        """Turn ``student`` (in place) into an instance of ``cls`` following a checked plan.
+
+        ``record`` is the mode's config as data (see :func:`kdcore.record.record_distillation`),
+        what ``kd.save`` writes so that ``kd.restore`` can convert again.
+        """
         original_class = type(student)
         student.__class__ = distillation_class(cls, original_class)
         model: DistillationModel = student  # type: ignore[assignment]
         try:
-            model._kd_setup(plan, original_class)
+            model.kd_setup(plan, original_class)
         except BaseException:
-            model._kd_teardown(original_class)
+            model.kd_teardown(original_class)
             raise
+        if record is not None:
+            model.record_mode(record)
         return model
 
-    def _kd_setup(self, plan: DistillationPlan, original_class: type[nn.Module]) -> None:
+    def kd_setup(self, plan: DistillationPlan, original_class: type[nn.Module]) -> None:
+        """Subclass hook: make ``self`` (already of its converted class) distil by ``plan``.
+
+        Adds the teacher, the loss modules and the balancer as children and the capture hooks.
+        An override calls ``super().kd_setup(...)`` first; its own hook handles go in
+        ``self.kd_state.handles`` so that :meth:`kd_teardown` removes them. If it raises,
+        :meth:`kd_teardown` runs and the student is as it was.
+        """
         teacher = plan.teacher
         teacher.requires_grad_(False)
         teacher.eval()
-        self._kd = self._kd_state_class(
+        self._kd = self.kd_state_class(
             original_class=original_class,
             teacher=teacher,
             pairs=plan.pairs,
@@ -148,9 +167,9 @@ class DistillationModel(nn.Module):
         )
         if plan.balancer is not None:
             self.add_module(BALANCER, plan.balancer)
-        self._kd_register_capture_hooks()
+        self._register_capture_hooks()
 
-    def _kd_register_capture_hooks(self) -> None:
+    def _register_capture_hooks(self) -> None:
         state = self._kd
         for side, root, layers in (
             ("student", self, {p.student_layer for p in state.pairs} - {WHOLE_MODEL}),
@@ -166,8 +185,12 @@ class DistillationModel(nn.Module):
                     handle = module.register_forward_hook(_CaptureOutput(state, side, layer))
                 state.handles.append(handle)
 
-    def _kd_teardown(self, original_class: type[nn.Module]) -> None:
-        """Undo :meth:`_kd_setup`, also when it stopped half-way, and restore ``original_class``."""
+    def kd_teardown(self, original_class: type[nn.Module]) -> None:
+        """Subclass hook: undo :meth:`kd_setup`, also when it stopped half-way (so the state may
+        be missing: ``getattr(self, "kd_state", None)``), and restore ``original_class``.
+
+        An override undoes its own changes, then calls ``super().kd_teardown(...)``.
+        """
         state = self.__dict__.pop("_kd", None)
         for name in KD_CHILDREN:
             self._modules.pop(name, None)
@@ -176,6 +199,31 @@ class DistillationModel(nn.Module):
                 handle.remove()
             state.clear_captures()
         self.__class__ = original_class  # type: ignore[assignment]  # back to the student's own
+
+    @property
+    def kd_state(self) -> DistillationState:
+        """The state the capture hooks share (an instance of :attr:`kd_state_class`), for
+        subclass hooks: a hook that refers to it rather than to the model keeps no cycle."""
+        return self._kd
+
+    def record_mode(self, record: ModeRecord) -> None:
+        """Add the record of a mode applied to this model, for ``kd.save`` to write.
+
+        ``kd.convert`` records every step applied to a distillation model; the mode that makes
+        one records itself (:meth:`convert`'s ``record``)."""
+        self._kd.modes.append(record)
+
+    @property
+    def mode_records(self) -> tuple[ModeRecord, ...]:
+        """The records of the modes applied to this model, in order."""
+        return tuple(self._kd.modes)
+
+    def export_student(self) -> nn.Module:
+        """Give back the student: hooks, teacher and losses removed, its own class restored.
+
+        What ``kd.export`` does once wrappers are unwrapped; runs :meth:`kd_teardown`."""
+        self.kd_teardown(self._kd.original_class)
+        return self
 
     # ----------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -352,13 +400,13 @@ class DistillationModel(nn.Module):
     @contextlib.contextmanager
     def hide_teacher_model(self, enable: bool = True) -> Iterator[None]:
         """Inside the block the teacher is not a child (absent from ``state_dict``, ``modules``)."""
-        with self._hidden_children((TEACHER,) if enable else ()):
+        with self.kd_hidden_children((TEACHER,) if enable else ()):
             yield
 
     @contextlib.contextmanager
     def hide_loss_modules(self, enable: bool = True) -> Iterator[None]:
         """Inside the block the loss modules are not children."""
-        with self._hidden_children((LOSS_MODULES,) if enable else ()):
+        with self.kd_hidden_children((LOSS_MODULES,) if enable else ()):
             yield
 
     @contextlib.contextmanager
@@ -377,7 +425,9 @@ class DistillationModel(nn.Module):
             setattr(state, name, previous)
 
     @contextlib.contextmanager
-    def _hidden_children(self, names: tuple[str, ...]) -> Iterator[None]:
+    def kd_hidden_children(self, names: tuple[str, ...] = KD_CHILDREN) -> Iterator[None]:
+        """Inside the block the children ``names`` are not children (by default the teacher,
+        the loss modules and the balancer: ``named_parameters()`` then lists the student's)."""
         modules = self._modules
         order = list(modules)
         hidden = {name: modules.pop(name) for name in names if name in modules}
@@ -473,7 +523,7 @@ class DistillationModel(nn.Module):
             if not any(key.startswith(name + ".") for key in state_dict)
             or (name == TEACHER and self._kd.expose_minimal_state_dict)
         )
-        with self._hidden_children(hidden):
+        with self.kd_hidden_children(hidden):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
@@ -497,15 +547,15 @@ class _StudentSequence:
     """Container methods for ``nn.Sequential`` students, seeing the student's layers only."""
 
     def __len__(self: Any) -> int:
-        with self._hidden_children(KD_CHILDREN):
+        with self.kd_hidden_children(KD_CHILDREN):
             return len(self._modules)
 
     def __iter__(self: Any) -> Iterator[nn.Module]:
-        with self._hidden_children(KD_CHILDREN):
+        with self.kd_hidden_children(KD_CHILDREN):
             return iter(list(self._modules.values()))
 
     def __getitem__(self: Any, index: Any) -> Any:
-        with self._hidden_children(KD_CHILDREN):
+        with self.kd_hidden_children(KD_CHILDREN):
             items = list(self._modules.items())
         if isinstance(index, slice):
             return nn.Sequential(OrderedDict(items[index]))

@@ -2,6 +2,7 @@
 
 A mode is a registered object with a ``config_class`` and a ``convert(model, config, path)``
 method; ``kd.convert(model, [("kd_loss", config)])`` looks ``"kd_loss"`` up in the mode registry.
+``kd.export`` needs no mode: it asks the model (:meth:`~kdcore.DistillationModel.export_student`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from kdcore.model import gather_fsdp2, is_distillation_model
 from kdcore.plugin_manager import registries
 from kdcore.record import record_mode
 from kdcore.references import not_resolving
-
-EXPORT_MODE = "export_student"
 
 
 @runtime_checkable
@@ -66,15 +65,16 @@ def convert(model: nn.Module, mode: ModeSpec) -> nn.Module:
     was_distillation_model = is_distillation_model(model)
     try:
         for name, mode_impl, config in steps:
-            records = len(model._kd.modes) if is_distillation_model(model) else 0
+            applied_to_distillation_model = is_distillation_model(model)
             model = mode_impl.convert(model, config, path=name)
-            if is_distillation_model(model) and len(model._kd.modes) == records:
-                # The mode kept no record of its own: record its config as data, if it is.
-                model._kd.modes.append(record_mode(name, config))
+            if applied_to_distillation_model and is_distillation_model(model):
+                # The mode that made the distillation model recorded itself; a later step is
+                # recorded here, its config as data if it is.
+                model.record_mode(record_mode(name, config))
     except BaseException:
         # A later step failed after an earlier one converted the model: undo that too.
         if is_distillation_model(model) and not was_distillation_model:
-            model._kd_teardown(model._kd.original_class)
+            model.export_student()
         raise
     return model
 
@@ -121,7 +121,7 @@ def export(model: nn.Module) -> nn.Module:
         return model
     teacher = set(model._kd.teacher.modules())
     gather_fsdp2(m for m in model.modules() if m not in teacher)
-    return convert(model, [(EXPORT_MODE, None)])
+    return model.export_student()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,13 +1,15 @@
 """Finding plugins and collecting what they register.
 
 Everything swappable in kdcore, the built-ins included, arrives through the ``kdcore``
-entry-point group and the hooks in :mod:`kdcore.hookspecs`. Loading happens on first use,
+entry-point group and the hooks in :mod:`kdcore.hookspecs`; the core's own modes register
+through the same hooks. Loading happens on first use,
 not on ``import kdcore``, in one function: :meth:`PluginHost._load`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.metadata
 import os
 import warnings
@@ -24,6 +26,8 @@ from kdcore.registry import Provider, Registry
 DISABLE_ENV_VAR = "KDCORE_DISABLE_PLUGINS"
 ENTRY_POINT_GROUP = "kdcore"
 BUILTIN_DISTRIBUTION = "kdcore"  # the distribution of kdcore's own plugins (kdcore_builtins)
+# The core's own plugin modules: registered in every host like any plugin, but never blocked.
+CORE_PLUGINS = {"core": "kdcore.distillation_modes"}
 
 
 class PluginWarning(UserWarning):
@@ -62,6 +66,7 @@ class PluginHost:
     ``search_path`` limits entry-point discovery to those folders (``None``: ``sys.path``);
     ``use_entry_points=False`` skips discovery; ``plugins`` are registered directly after the
     entry points, as ``(name, plugin)`` pairs. ``blocked`` defaults to ``$KDCORE_DISABLE_PLUGINS``.
+    The core's own modes (plugin ``core``) are registered in every host and are never blocked.
     """
 
     def __init__(
@@ -88,7 +93,10 @@ class PluginHost:
         return self._registries
 
     def _load(self) -> Registries:
-        """The whole bootstrap: discover, block, import, register, then call the hooks."""
+        """The whole bootstrap: the core's plugins, then discover, block, import, register,
+        then call the hooks."""
+        for name, module in CORE_PLUGINS.items():
+            self._register(importlib.import_module(module), Provider(name, BUILTIN_DISTRIBUTION))
         if self.use_entry_points:
             for entry_point in self._entry_points():
                 provider = Provider(entry_point.name, _distribution_name(entry_point))

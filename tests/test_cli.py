@@ -58,7 +58,7 @@ def test_plugins_lists_each_builtin_name_with_its_kind_plugin_and_distribution(
     assert ["criterion", "logits", "criteria", "kdcore"] in table
     assert ["loss", "balancer", "static", "balancers", "kdcore"] in table
     assert ["teacher", "loader", "callable", "teacher_loaders", "kdcore"] in table
-    assert ["mode", "kd_loss", "modes", "kdcore"] in table
+    assert ["mode", "kd_loss", "core", "kdcore"] in table
 
 
 def test_plugins_text_output_aligns_columns(
@@ -78,7 +78,7 @@ def test_plugins_names_kinds_with_nothing_registered(capsys: pytest.CaptureFixtu
     with kd.use_host(host):
         assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "Nothing registered: balancers, teacher loaders, checkpoint backends, modes" in out
+    assert "Nothing registered: balancers, teacher loaders, checkpoint backends" in out
 
 
 def test_plugins_json_lists_every_registry_with_providers(
@@ -183,7 +183,7 @@ def test_plugins_verbose_shows_registered_objects(
     main(["plugins", "--verbose"])
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["KIND", "NAME", "PLUGIN", "DISTRIBUTION", "OBJECT"]
-    assert "kdcore_builtins.modes:DistillationMode instance" in out
+    assert "kdcore.distillation_modes:DistillationMode instance" in out
 
 
 def test_no_subcommand_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -236,4 +236,4 @@ def test_loading_order_is_deterministic(plugin_root: Path) -> None:
     make_distribution(plugin_root, "acme-kd", {"b": COSINE.replace('"cosine"', '"a"')})
     host = host_for(plugin_root)
     host.registries  # noqa: B018
-    assert list(host.providers) == ["acme-kd:b", "zeta-kd:a"]
+    assert list(host.providers) == ["kdcore:core", "acme-kd:b", "zeta-kd:a"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from torch import nn
 
-from kdcore.model import KD_CHILDREN, DistillationModel, DistillationState
+from kdcore.model import DistillationModel, DistillationState
 from kdcore.plan import DistillationPlan
 
 LM_HEAD = "lm_head"
@@ -64,14 +64,13 @@ class LayerwiseDistillationModel(DistillationModel):
     state dict). ``kd.export`` restores the heads and the original ``requires_grad`` flags.
     """
 
-    _kd: LayerwiseState
-    _kd_state_class = LayerwiseState
+    kd_state_class = LayerwiseState
 
-    def _kd_setup(self, plan: DistillationPlan, original_class: type[nn.Module]) -> None:
-        super()._kd_setup(plan, original_class)
-        state = self._kd
+    def kd_setup(self, plan: DistillationPlan, original_class: type[nn.Module]) -> None:
+        super().kd_setup(plan, original_class)
+        state = cast(LayerwiseState, self.kd_state)
         student_layers = {p.student_layer for p in plan.pairs}
-        with self._hidden_children(KD_CHILDREN):
+        with self.kd_hidden_children():
             student_parameters = dict(self.named_parameters())
         state.saved_requires_grad = {n: p.requires_grad for n, p in student_parameters.items()}
         for name, parameter in student_parameters.items():
@@ -98,16 +97,16 @@ class LayerwiseDistillationModel(DistillationModel):
                 head.forward = _pass_through  # type: ignore[method-assign]
                 state.bypassed_lm_heads.append(head)
 
-    def _kd_teardown(self, original_class: type[nn.Module]) -> None:
-        state = self.__dict__.get("_kd")
+    def kd_teardown(self, original_class: type[nn.Module]) -> None:
+        state = getattr(self, "kd_state", None)  # None when kd_setup stopped early
         if isinstance(state, LayerwiseState):
             for head in state.bypassed_lm_heads:
                 del head.__dict__["forward"]  # the class's forward shows through again
-            with self._hidden_children(KD_CHILDREN):
+            with self.kd_hidden_children():
                 for name, parameter in self.named_parameters():
                     if name in state.saved_requires_grad:
                         parameter.requires_grad_(state.saved_requires_grad[name])
-        super()._kd_teardown(original_class)
+        super().kd_teardown(original_class)
 
 
 def _pass_through(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
