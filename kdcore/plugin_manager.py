@@ -97,10 +97,12 @@ class PluginHost:
         then call the hooks."""
         for name, module in CORE_PLUGINS.items():
             self._register(importlib.import_module(module), Provider(name, BUILTIN_DISTRIBUTION))
+        disabled = []
         if self.use_entry_points:
             for entry_point in self._entry_points():
                 provider = Provider(entry_point.name, _distribution_name(entry_point))
                 if entry_point.name in self.blocked:
+                    disabled.append(provider)
                     continue
                 try:
                     plugin = entry_point.load()
@@ -114,6 +116,7 @@ class PluginHost:
 
         registries = Registries()
         for hook_name, registry in registries.by_hook():
+            registry.disabled_providers = tuple(disabled)  # named when a name is missing
             # Each implementation is called on its own so that a failure is pinned on its
             # plugin, the others still register, and every name is attributed to its provider.
             for impl in getattr(self.manager.hook, hook_name).get_hookimpls():

@@ -50,6 +50,8 @@ class Registry(Generic[T]):
         self._entries: dict[str, tuple[T, Provider]] = {}
         self._conflicts: dict[str, list[Provider]] = {}
         self._current = UNATTRIBUTED
+        #: installed plugins kept out by KDCORE_DISABLE_PLUGINS: one may provide a missing name
+        self.disabled_providers: tuple[Provider, ...] = ()
 
     @contextlib.contextmanager
     def attributed_to(self, provider: Provider) -> Iterator[None]:
@@ -101,6 +103,9 @@ class Registry(Generic[T]):
         external = KNOWN_EXTERNAL_NAMES.get((self.kind, str(name)))
         if external is not None:
             message += f"; it is provided by {external!r}: pip install {external}"
+        elif self.disabled_providers:
+            disabled = ", ".join(str(p) for p in self.disabled_providers)
+            message += f"; disabled by KDCORE_DISABLE_PLUGINS, which may provide it: {disabled}"
         else:
             message += "; a plugin that provides it may not be installed (see `kdcore plugins`)"
         return message

@@ -529,6 +529,7 @@ def test_a_third_party_modes_config_is_recorded_and_replayed(
 
     with kd.use_host(PluginHost(plugins=[("scale", Plugin())], blocked=())):
         model = kd.convert(TinyNet(), [("kd_loss", config()), ("scale_teacher", {"factor": 2.0})])
+        assert [record.name for record in model.mode_records] == ["kd_loss", "scale_teacher"]
         path = kd.save(model, tmp_path / "modes.safetensors")
         assert [mode["name"] for mode in manifest_of(path)["modes"]] == ["kd_loss", "scale_teacher"]
         restored = kd.restore(TinyNet(), path)
