@@ -3,6 +3,8 @@ party can write the same distillation mode from the public names (tests/third_pa
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -68,6 +70,31 @@ def test_convert_and_export_work_with_builtin_plugins_disabled(
         assert model.compute_kd_loss().dim() == 0
         exported = kd.export(model)
     assert exported is student and type(exported) is TinyNet
+
+
+def test_kdcore_disable_plugins_blocking_every_builtin_plugin_keeps_convert_and_export() -> None:
+    code = """
+import torch, kdcore as kd
+from torch import nn
+student = nn.Linear(4, 3)
+model = kd.convert(student, [("kd_loss", {"teacher_model": nn.Linear(4, 3),
+                                          "criterion": nn.MSELoss()})])
+model(torch.randn(2, 4))
+model.compute_kd_loss().backward()
+assert kd.export(model) is student and type(student) is nn.Linear
+print(sorted(kd.registries().criteria.names()), kd.registries().modes.names())
+"""
+    env = {**os.environ, "KDCORE_DISABLE_PLUGINS": ",".join(BUILTIN_PLUGINS)}
+    result = subprocess.run(
+        [sys.executable, "-W", "error::kdcore.PluginWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "[] ['export_student', 'kd_loss', 'layerwise_kd']"
 
 
 def test_a_missing_criterion_names_the_disabled_plugin() -> None:
