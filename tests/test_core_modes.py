@@ -27,7 +27,6 @@ BUILTIN_PLUGINS = [
     "balancers",
     "teacher_loaders",
     "checkpoint_backends",
-    "modes",
 ]
 
 
