@@ -908,7 +908,7 @@ def metadata_with(original: bytes, stand_in: str, replacement: bytes) -> bytes:
     opcodes ``replacement``; protocol 2, so that no frame length has to change."""
     real = pickle.loads(original)  # the test's own, trusted file
     _storage_of(real, "fc1.weight").offset = stand_in
-    data = pickle.dumps(real, protocol=2)
+    data = pickle.dumps(real, protocol=2, fix_imports=False)  # builtins, not __builtin__
     encoded = stand_in.encode()
     pushed = b"X" + len(encoded).to_bytes(4, "little") + encoded  # BINUNICODE
     assert data.count(pushed) == 1
