@@ -1,0 +1,86 @@
+"""The extension surface: what a plugin imports from kdcore, besides :mod:`kdcore` itself and
+the public modules :mod:`kdcore.llm` and :mod:`kdcore.validation`.
+
+::
+
+    import kdcore as kd
+    from kdcore.plugin import Registry, atomic_write, plan_distillation
+
+kdcore's own plugins (``kdcore_builtins``, ``kdcore-transformers``) and its application layer
+(``kdcore.training``) import nothing else, so a third party can do whatever they do; an
+import-linter contract (``lint-imports``) keeps it so. What ``kdcore`` exports (the errors, the
+configs, ``DistillationLossBalancer``, ``DistillationModel`` and its subclass hooks ``kd_setup``,
+``kd_teardown``, ``kd_hidden_children``) is not repeated here.
+
+The names below keep their meaning and signatures within a major version; kdcore's other modules
+are internal and may change in any release. This module only re-exports: each name is documented
+where it is defined.
+"""
+
+from __future__ import annotations
+
+from kdcore.checkpoint import (
+    CheckpointBackend,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointReader,
+    CheckpointVersionError,
+    CheckpointWriteError,
+    TensorInfo,
+    atomic_write,
+    fsync_folder,
+    open_regular,
+)
+from kdcore.config_files import read_config_file
+from kdcore.converter import structure
+from kdcore.errors import did_you_mean, shown
+from kdcore.hookspecs import hookimpl
+from kdcore.model import DistillationState, gather_fsdp2, is_distillation_model
+from kdcore.modes import Mode
+from kdcore.plan import DistillationPlan, LossPair, describe_distillation, plan_distillation
+from kdcore.plugin_manager import PluginWarning
+from kdcore.record import ModeRecord, record_distillation
+from kdcore.references import UntrustedReferenceError, reference_of, resolve, teacher_factory
+from kdcore.registry import Provider, Registry
+from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
+
+__all__ = [
+    "CheckpointBackend",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointReader",
+    "CheckpointVersionError",
+    "CheckpointWriteError",
+    "DistillationPlan",
+    "DistillationState",
+    "DuplicateKeyError",
+    "LossPair",
+    "Mode",
+    "ModeRecord",
+    "PluginWarning",
+    "Provider",
+    "Registry",
+    "TensorInfo",
+    "UntrustedReferenceError",
+    "atomic_write",
+    "describe_distillation",
+    "did_you_mean",
+    "fsync_folder",
+    "gather_fsdp2",
+    "hookimpl",
+    "is_distillation_model",
+    "no_duplicate_keys",
+    "open_regular",
+    "plan_distillation",
+    "read_config_file",
+    "record_distillation",
+    "reference_of",
+    "resolve",
+    "shown",
+    "structure",
+    "teacher_factory",
+]
