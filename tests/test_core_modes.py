@@ -238,7 +238,6 @@ def test_the_third_party_mode_uses_only_public_kdcore_names() -> None:
         from typing import Any
         from torch import nn
         import kdcore as kd
-        from kdcore.plan import describe_distillation, plan_distillation
-        from kdcore.record import record_distillation"""
+        from kdcore.plugin import describe_distillation, plan_distillation, record_distillation"""
         ).splitlines()
     )

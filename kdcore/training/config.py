@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from kdcore.errors import ConfigError, KDCoreError
+from kdcore import ConfigError, KDCoreError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
@@ -69,7 +69,7 @@ class TrainConfig:
 
 def structure_train(data: Any, *, path: str = TRAIN_TABLE) -> TrainConfig:
     """Structure and check a ``[train]`` table; errors name ``train.<key>``."""
-    from kdcore.converter import structure
+    from kdcore.plugin import structure
 
     config = structure(data, TrainConfig, path=path)
     check_train(config, path=path)
@@ -118,9 +118,8 @@ def load_job(
     """Read a job file: its mode tables (checked as :func:`kdcore.load_config` does, with
     ``imports``) and its ``[train]`` table. Nothing is built; errors name the file and the path
     inside it."""
-    from kdcore.config_files import read_config_file
-    from kdcore.errors import ConfigTypeError
-    from kdcore.modes import check
+    from kdcore import ConfigTypeError, check
+    from kdcore.plugin import read_config_file
 
     path = Path(path)
     data = read_config_file(path)

@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import nn
 
-from kdcore.errors import ConfigError
+from kdcore import ConfigError
 
 #: The environment variables torchrun sets for each process.
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -132,7 +132,7 @@ def shard_fsdp2(model: nn.Module, job: Launch, device: torch.device) -> nn.Modul
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from kdcore.model import is_distillation_model
+    from kdcore.plugin import is_distillation_model
 
     mesh = init_device_mesh(device.type, (job.world_size,))
     if is_distillation_model(model):

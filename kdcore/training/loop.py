@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcore.errors import ConfigError, ConfigTypeError
-from kdcore.model import gather_fsdp2, is_distillation_model
+from kdcore import ConfigError, ConfigTypeError
+from kdcore.plugin import gather_fsdp2, is_distillation_model
 from kdcore.training.config import EVALUATIONS, TrainConfig
 from kdcore.training.distributed import (
     Launch,
@@ -125,7 +125,7 @@ def _train(
     stream: TextIO | None,
 ) -> TrainResult:
     import kdcore as kd
-    from kdcore.references import resolve
+    from kdcore.plugin import resolve
 
     def quiet(_line: str) -> None:
         pass

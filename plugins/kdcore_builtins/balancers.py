@@ -9,9 +9,8 @@ from typing import Any
 import torch
 
 import kdcore
-from kdcore.balancer import DistillationLossBalancer
-from kdcore.errors import did_you_mean
-from kdcore.registry import Registry
+from kdcore import DistillationLossBalancer
+from kdcore.plugin import Registry, did_you_mean
 
 
 class StaticLossBalancer(DistillationLossBalancer):

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 import kdcore
-from kdcore.checkpoint import CheckpointFormatError, CheckpointNotFoundError, atomic_write
-from kdcore.registry import Registry
+from kdcore.plugin import CheckpointFormatError, CheckpointNotFoundError, Registry, atomic_write
 from kdcore_builtins import safetensors_format
 from kdcore_builtins.dcp_backend import DcpBackend
 from kdcore_builtins.sharded_safetensors import ShardedSafetensorsBackend

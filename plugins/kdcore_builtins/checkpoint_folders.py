@@ -19,15 +19,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeGuard, TypeVar
 
-from kdcore.checkpoint import (
+from kdcore.plugin import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointWriteError,
+    DuplicateKeyError,
     fsync_folder,
+    no_duplicate_keys,
     open_regular,
 )
-from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 256 * 1024 * 1024

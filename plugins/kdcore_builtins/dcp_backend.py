@@ -43,7 +43,7 @@ from typing import IO, Any
 import attrs
 import torch
 
-from kdcore.checkpoint import (
+from kdcore.plugin import (
     CheckpointError,
     CheckpointFormatError,
     TensorInfo,

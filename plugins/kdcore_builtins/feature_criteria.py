@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdcore
-from kdcore.registry import Registry
+from kdcore.plugin import Registry
 from kdcore.validation import (
     IGNORE_INDEX,
     as_logits,

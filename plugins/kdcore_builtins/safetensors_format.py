@@ -21,8 +21,14 @@ from typing import IO, Any
 
 import torch
 
-from kdcore.checkpoint import CheckpointError, CheckpointFormatError, TensorInfo, open_regular
-from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
+from kdcore.plugin import (
+    CheckpointError,
+    CheckpointFormatError,
+    DuplicateKeyError,
+    TensorInfo,
+    no_duplicate_keys,
+    open_regular,
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -25,12 +25,7 @@ from typing import IO, Any
 
 import torch
 
-from kdcore.checkpoint import (
-    CheckpointFormatError,
-    TensorInfo,
-    atomic_write,
-    fsync_folder,
-)
+from kdcore.plugin import CheckpointFormatError, TensorInfo, atomic_write, fsync_folder
 from kdcore_builtins import safetensors_format
 from kdcore_builtins.checkpoint_folders import (
     DCP_MARKER,

@@ -8,9 +8,8 @@ from typing import Any
 from torch import nn
 
 import kdcore
-from kdcore.errors import ConfigTypeError
-from kdcore.references import resolve
-from kdcore.registry import Registry
+from kdcore import ConfigTypeError
+from kdcore.plugin import Registry, resolve
 
 
 def load_callable_teacher(

@@ -1,5 +1,5 @@
 """An example third-party mode: ``example_kd``, a copy of kdcore's ``kd_loss`` made from the
-names a plugin may use (``kdcore``, :mod:`kdcore.plan`, :mod:`kdcore.record`).
+names a plugin may use (``kdcore`` and :mod:`kdcore.plugin`).
 
 ``kd.convert(student, [("example_kd", {"teacher_model": teacher, "criterion": ...})])`` then
 distils exactly as ``kd_loss`` does; ``kd.save`` records it and ``kd.restore`` rebuilds it by name.
@@ -12,8 +12,7 @@ from typing import Any
 from torch import nn
 
 import kdcore as kd
-from kdcore.plan import describe_distillation, plan_distillation
-from kdcore.record import record_distillation
+from kdcore.plugin import describe_distillation, plan_distillation, record_distillation
 
 
 class ExampleKDMode:

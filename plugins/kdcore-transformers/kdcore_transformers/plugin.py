@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import kdcore
-from kdcore.registry import Registry
+from kdcore.plugin import Registry
 from kdcore_transformers.teacher_loader import load_transformers_teacher
 
 

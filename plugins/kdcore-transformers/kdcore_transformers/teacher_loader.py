@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcore.errors import ConfigError, ConfigTypeError, did_you_mean
+from kdcore import ConfigError, ConfigTypeError
+from kdcore.plugin import did_you_mean
 
 #: ``dtype`` values; "auto" keeps the dtype the checkpoint was saved in.
 DTYPES: dict[str, torch.dtype | str] = {

@@ -31,9 +31,8 @@ from torch import nn
 from transformers.trainer_utils import EvalLoopOutput
 
 import kdcore as kd
-from kdcore import llm
-from kdcore.errors import ConfigError, DistillationStateError
-from kdcore.model import DistillationModel, is_distillation_model
+from kdcore import ConfigError, DistillationModel, DistillationStateError, llm
+from kdcore.plugin import is_distillation_model
 
 #: Where checkpoints keep the loss modules' weights and balancer buffers (for resuming): not in
 #: the model's weights file, which holds the student alone.

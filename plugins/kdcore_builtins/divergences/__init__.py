@@ -60,7 +60,7 @@ from __future__ import annotations
 from typing import Any
 
 import kdcore
-from kdcore.registry import Registry
+from kdcore.plugin import Registry
 from kdcore_builtins.divergences.chunked import logit_divergence
 from kdcore_builtins.divergences.fused import FusedLogitsLoss, fused_linear_divergence
 from kdcore_builtins.divergences.kernels import DIVERGENCES, make_kernel
