@@ -6,13 +6,12 @@ Every error says where the bad value is (``kd_loss.criterion[1].loss.temprature`
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from kdcore.errors import (
     SHOWN_CHARACTERS,
@@ -25,6 +24,9 @@ from kdcore.errors import (
 )
 from kdcore.references import resolve
 from kdcore.registry import Registry
+
+if TYPE_CHECKING:
+    import cattrs
 
 T = TypeVar("T")
 
@@ -51,17 +53,21 @@ def _strict_scalar(kind: type, accepted: tuple[type, ...]) -> Any:
     return structure
 
 
-def make_converter() -> cattrs.Converter:
-    """Build the converter every config goes through."""
+@functools.cache
+def _converter() -> cattrs.Converter:
+    """The converter every config goes through, built at first use.
+
+    cattrs is imported here, not at module level: ``import kdcore`` and building losses from
+    Python never structure a config, and cattrs and its generated code are not free to import.
+    """
+    import cattrs
+
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     converter.register_structure_hook(bool, _strict_scalar(bool, (bool,)))
     converter.register_structure_hook(int, _strict_scalar(int, (int,)))
     converter.register_structure_hook(float, _strict_scalar(float, (int, float)))
     converter.register_structure_hook(str, _strict_scalar(str, (str,)))
     return converter
-
-
-converter = make_converter()
 
 
 def structure(data: Any, cls: type[T], *, path: str) -> T:
@@ -73,9 +79,14 @@ def structure(data: Any, cls: type[T], *, path: str) -> T:
             f"expected a mapping or {cls.__name__}, got {type(data).__name__}", path=path
         )
     try:
-        return converter.structure(dict(data), cls)
+        return _converter().structure(dict(data), cls)
     except Exception as exc:
         raise _config_error(exc, cls, path) from None
+
+
+def unstructure(config: Any) -> Any:
+    """``config`` as plain data (dicts, lists, scalars): the inverse of :func:`structure`."""
+    return _converter().unstructure(config)
 
 
 def check_size(data: Any, *, path: str) -> None:
@@ -109,6 +120,12 @@ def check_size(data: Any, *, path: str) -> None:
 
 def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
     """The first leaf of a cattrs error tree, as a ConfigError with the leaf's path."""
+    from cattrs.errors import (
+        ClassValidationError,
+        ForbiddenExtraKeysError,
+        IterableValidationError,
+    )
+
     if isinstance(exc, KDCoreError) and isinstance(exc, ConfigError):
         return exc
     if isinstance(exc, ForbiddenExtraKeysError):

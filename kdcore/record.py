@@ -17,7 +17,7 @@ import attrs
 from torch import nn
 
 from kdcore.config import KDLossConfig
-from kdcore.converter import PLUGIN_NAME_KEY, converter, is_plugin_ref
+from kdcore.converter import PLUGIN_NAME_KEY, is_plugin_ref, unstructure
 from kdcore.plan import DistillationPlan
 from kdcore.plugin_manager import registries
 from kdcore.references import reference_of
@@ -50,7 +50,7 @@ def record_mode(name: str, config: Any) -> ModeRecord:
     if config is None:
         return ModeRecord(name=name, config=None)
     try:
-        data = _data(converter.unstructure(config), f"the {name} config")
+        data = _data(unstructure(config), f"the {name} config")
     except _NotRecordable as exc:
         warnings.warn(f"{name}: {exc}", NotRecordableWarning, stacklevel=4)
         return ModeRecord(name=name, config=None, missing=((name, str(exc)),))
