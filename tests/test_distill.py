@@ -79,8 +79,17 @@ def test_demo_runs_quick(capsys: pytest.CaptureFixture[str]) -> None:
         assert row in out
 
 
-def test_demo_distillation_helps() -> None:
-    result = run_demo(log=None)  # the full demo: a few seconds
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # A shortened demo (seconds): the same models and data, fewer steps.
+        pytest.param({"teacher_steps": 200, "student_steps": 600}, id="short"),
+        # The full demo, as `kdcore distill` runs it (a minute or two on two cores).
+        pytest.param({}, marks=pytest.mark.slow, id="full"),
+    ],
+)
+def test_demo_distillation_helps(steps: dict[str, int]) -> None:
+    result = run_demo(log=None, **steps)
     (_, teacher, big, _), (_, alone, small, _), (_, distilled, same, _) = result["rows"]
     assert small == same < big
     assert teacher > 0.9 and distilled > alone

@@ -127,6 +127,7 @@ def test_a_ddp_checkpoint_resumes_in_one_process(
     assert max(abs(a - b["loss"]) for a, b in zip(result.losses, single[3:], strict=True)) < 1e-5
 
 
+@pytest.mark.slow  # two torchrun launches (~10 s); test_sharded_backends covers FSDP2 shards fast
 def test_fsdp2_shards_and_checkpoints_through_torch_dcp(tmp_path: Path, one_process: Path) -> None:
     # torch's multi-process DCP save gathers plans with gather_object, which needs NumPy.
     pytest.importorskip("numpy")
