@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kdcore.validation import IGNORE_INDEX
-from kdcore_builtins.divergences.kernels import Kernel, _ForwardKL, checked_kernel, zero_where_nan_
+from kdcore_builtins.divergences.kernels import Kernel, _ForwardKL, checked_kernel
 from kdcore_builtins.divergences.masks import (
     DEFAULT_MAX_VOCAB_PADDING,
     VOCAB_HINT,
@@ -302,22 +302,22 @@ def _small_forward_kl(
     q = F.softmax(teacher.detach() / temperature, dim=-1)
     pointwise = F.kl_div(log_p, q, reduction="none")
     with torch.no_grad():
-        # A class masked on both sides adds 0, where F.kl_div makes 0 * -inf = NaN. Its
-        # gradient is already 0 (d/dlog_p = -q) and nothing saved ``pointwise``: the repair
-        # needs no autograd record. A row that is NaN throughout (a NaN logit, or every logit of
-        # one side -inf) must stay NaN: ``undefined`` is 0, or NaN for such a row.
-        zero_where_nan_(pointwise)
-        undefined = log_p.amax(-1).add_(q.amax(-1)).mul_(0.0)
+        # A class the teacher gives no mass adds 0 (0 log 0 = 0), where F.kl_div makes
+        # 0 * -inf = NaN for a class masked on both sides; its gradient (-q) is 0 already and
+        # nothing saved ``pointwise``, so the fill needs no autograd record. A row without a
+        # distribution (a NaN logit, or every logit of one side -inf) keeps a NaN where q > 0 or
+        # q is NaN, so it stays NaN. Two operations: this path is for small, frequent calls.
+        pointwise.masked_fill_(q == 0, 0.0)
     scale = temperature**2
     if reduction == "none":
-        return (pointwise.sum(-1) + undefined) * scale
+        return pointwise.sum(-1) * scale
     if reduction == "mean":
-        return (pointwise.mean() + undefined.sum()) * scale
+        return pointwise.mean() * scale
     positions = math.prod(student.shape[:-1])
     denominator = reduction_denominator(
         reduction, labelled, positions, student.shape[0], 0, num_items
     )
-    return (pointwise.sum() + undefined.sum()) * (scale / denominator)
+    return pointwise.sum() * (scale / denominator)
 
 
 def chunked_divergence(
