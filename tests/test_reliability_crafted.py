@@ -173,11 +173,6 @@ def saved_parts(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_file(str(path)), metadata
 
 
-def fresh_target() -> tuple[nn.Module, torch.optim.Optimizer]:
-    """What a resumed run restores into: a model and an optimizer that has taken a step."""
-    return trained_with_optimizer()
-
-
 def test_optimizer_state_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     """It used to restore, then fail at the next optimizer.step()."""
     model, optimizer = trained_with_optimizer()
@@ -185,7 +180,7 @@ def test_optimizer_state_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     tensors, metadata = saved_parts(path)
     tensors["__optimizer__.state.0.exp_avg"] = torch.zeros(3)
     crafted = write_raw(tmp_path / "crafted.safetensors", tensors, metadata)
-    model, optimizer = fresh_target()
+    model, optimizer = trained_with_optimizer()
     refused(
         crafted,
         kd.CheckpointFormatError,
@@ -201,7 +196,7 @@ def test_optimizer_state_of_another_kind_of_number_is_refused(tmp_path: Path) ->
     tensors, metadata = saved_parts(path)
     tensors["__optimizer__.state.1.exp_avg_sq"] = torch.zeros(8, dtype=torch.bool)
     crafted = write_raw(tmp_path / "crafted.safetensors", tensors, metadata)
-    model, optimizer = fresh_target()
+    model, optimizer = trained_with_optimizer()
     refused(crafted, kd.CheckpointFormatError, r"exp_avg_sq' is torch\.bool", model, optimizer)
 
 
@@ -211,7 +206,7 @@ def test_optimizer_state_for_a_parameter_no_group_holds_is_refused(tmp_path: Pat
     tensors, metadata = saved_parts(path)
     tensors["__optimizer__.state.9.exp_avg"] = torch.zeros(3)
     crafted = write_raw(tmp_path / "crafted.safetensors", tensors, metadata)
-    model, optimizer = fresh_target()
+    model, optimizer = trained_with_optimizer()
     refused(crafted, kd.CheckpointFormatError, "parameter index 9, which no", model, optimizer)
 
 
@@ -225,7 +220,7 @@ def test_a_zero_byte_optimizer_tensor_of_a_huge_shape_is_refused(tmp_path: Path)
     }
     entries["__optimizer__.state.0.exp_avg"] = ("F32", [0, 2**70], b"")
     crafted = raw_safetensors(tmp_path / "huge.safetensors", entries, metadata)
-    model, optimizer = fresh_target()
+    model, optimizer = trained_with_optimizer()
     refused(
         crafted,
         kd.CheckpointFormatError,
@@ -245,7 +240,7 @@ def test_a_duplicated_parameter_index_in_the_groups_is_refused(tmp_path: Path) -
     crafted = write_raw(
         tmp_path / "crafted.safetensors", tensors, {**metadata, "kdcore": json.dumps(manifest)}
     )
-    model, optimizer = fresh_target()
+    model, optimizer = trained_with_optimizer()
     refused(crafted, kd.CheckpointFormatError, "parameter index 0 twice", model, optimizer)
 
 
