@@ -336,7 +336,7 @@ def _file_locations(path: Path, files: list[Path]) -> list[dict[str, Any]]:
     root = path if path.is_dir() else path.parent
     real_root = os.path.realpath(root)
     locations = []
-    for file in files:
+    for file in sorted(files):
         location = os.path.realpath(file)
         try:
             outside = os.path.commonpath([real_root, location]) != real_root

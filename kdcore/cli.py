@@ -252,6 +252,12 @@ def _add_check_command(subparsers: Any) -> None:
     parser.set_defaults(handler=_run_check)
 
 
+def _import_from_current_folder() -> None:
+    """'module:callable' names may be modules of the current folder, as with ``python -m``."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _run_check(args: argparse.Namespace) -> int:
     from kdcore.config_files import load_config, read_config_file
     from kdcore.errors import ConfigTypeError
@@ -260,6 +266,8 @@ def _run_check(args: argparse.Namespace) -> int:
     from kdcore.training.config import TRAIN_TABLE, load_job
 
     imports = args.import_references
+    if imports or args.student is not None:
+        _import_from_current_folder()  # as kdcore distill does
     if imports:
         print(
             f"{args.config}: --import: this imports the modules the config names and calls the "
@@ -438,8 +446,7 @@ def _run_distill(args: argparse.Namespace) -> int:
         return 0
     from kdcore.training import load_job, train
 
-    if os.getcwd() not in sys.path:  # 'module:callable' names may be modules of this folder
-        sys.path.insert(0, os.getcwd())
+    _import_from_current_folder()
     modes, config = load_job(args.config)  # everything checked before anything is built
     try:
         train(modes, config, resume=args.resume)  # progress, summary and plot: rank 0 only

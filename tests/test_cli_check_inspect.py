@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,25 @@ def test_check_accepts_a_distill_job_file_and_checks_its_train_table(
     path.write_text(TOML + JOB_TRAIN.replace("batch_size = 16", "batch_size = 0"))
     assert main(["check", str(path)]) == 1
     assert f"{path}: train.batch_size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_check_with_import_finds_factories_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As kdcore distill does: `models:build_teacher` next to the config, run from that folder."""
+    (tmp_path / "kdcore_check_models.py").write_text(
+        "from tests.conftest import TinyNet, make_teacher\n"
+        "def build_teacher():\n    return make_teacher()\n"
+    )
+    config = tmp_path / "distill.toml"
+    config.write_text(
+        TOML.replace("tests.conftest:make_teacher", "kdcore_check_models:build_teacher")
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "kdcore_check_models", raising=False)
+    assert (
+        main(["check", "distill.toml", "--import", "--student", "kdcore_check_models:TinyNet"]) == 0
+    )
+    assert capsys.readouterr().out.endswith("distill.toml: ok\n")
+    sys.modules.pop("kdcore_check_models", None)
