@@ -166,7 +166,7 @@ def test_loss_module_order_follows_the_criterion() -> None:
         loss_balancer=kd.StaticLossBalancer([0.5, 0.5]),
     )
     assert list(model.loss_modules) == losses[:2]
-    assert [p.key for p in model._kd.pairs] == ["MSELoss_0", "MSELoss_1"]
+    assert [p.key for p in model.kd_state.pairs] == ["MSELoss_0", "MSELoss_1"]
 
 
 # ------------------------------------------------------------------ compute_kd_loss
@@ -320,7 +320,7 @@ def test_only_teacher_forward_returns_the_teacher_output(
     with model.only_teacher_forward():
         output = model(batch)
     assert torch.equal(output, model.teacher_model(batch))
-    assert "" not in model._kd.student_outputs  # the teacher output is not taken for the student's
+    assert "" not in model.kd_state.student_outputs  # the teacher output is not taken for the student's
 
 
 def test_only_student_and_only_teacher_together_are_refused(student: TinyNet) -> None:
@@ -493,7 +493,7 @@ def test_layer_input_capture_feeds_the_layers_first_input(batch: torch.Tensor) -
 
 def test_output_suffix_is_the_same_as_a_bare_name(batch: torch.Tensor) -> None:
     model = kd_model(TinyNet(), criterion={(":output", "fc2:output"): kd.LogitsDistillationLoss()})
-    assert [(p.student_layer, p.teacher_layer) for p in model._kd.pairs] == [("", "fc2")]
+    assert [(p.student_layer, p.teacher_layer) for p in model.kd_state.pairs] == [("", "fc2")]
     model(batch)
     assert model.compute_kd_loss().dim() == 0
 

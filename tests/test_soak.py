@@ -59,7 +59,7 @@ def hook_count(model: nn.Module) -> int:
 
 
 def captured(model: nn.Module) -> int:
-    state = model._kd
+    state = model.kd_state
     return len(state.student_outputs) + len(state.teacher_outputs)
 
 
