@@ -31,6 +31,7 @@ from kdcore.checkpoint import (
     TensorInfo,
     atomic_write,
     fsync_folder,
+    inspect_checkpoint,
     open_regular,
 )
 from kdcore.config_files import read_config_file
@@ -72,6 +73,7 @@ __all__ = [
     "fsync_folder",
     "gather_fsdp2",
     "hookimpl",
+    "inspect_checkpoint",
     "is_distillation_model",
     "no_duplicate_keys",
     "open_regular",

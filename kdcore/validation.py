@@ -1,8 +1,9 @@
 """Argument checks shared by criteria, built-in and third-party.
 
 Each check returns the value it accepts (converted where that helps: numbers to ``float``) and
-raises ``TypeError`` for a value of the wrong type, ``ValueError`` for one out of range, with a
-message naming the argument and the value::
+raises :class:`kdcore.ConfigTypeError` (a ``TypeError``) for a value of the wrong type and
+:class:`kdcore.ConfigError` (a ``ValueError``) for one out of range, with a message naming the
+argument and the value; a criterion built from a config then reports where it came from::
 
     from kdcore.validation import (
         IGNORE_INDEX, check_ignore_index, check_reduction, check_temperature)
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from kdcore.errors import ConfigError, ConfigTypeError
 
 #: The label of positions that do not count (prompt, padding), as PyTorch and Hugging Face use it.
 IGNORE_INDEX = -100
@@ -48,68 +51,68 @@ __all__ = [
 def check_number(name: str, value: Any) -> float:
     """``value`` as a float; a bool is not a number here."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
     return float(value)
 
 
 def check_non_negative(name: str, value: Any) -> float:
     number = check_number(name, value)
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
     return number
 
 
 def check_positive(name: str, value: Any) -> float:
     number = check_number(name, value)
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
     return number
 
 
 def check_temperature(temperature: Any) -> float:
     """A softmax temperature: finite and > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
+        raise ConfigTypeError(f"temperature must be a number, got {temperature!r}")
     if not temperature > 0 or temperature == math.inf:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        raise ConfigError(f"temperature must be finite and > 0, got {temperature!r}")
     return float(temperature)
 
 
 def check_unit_interval(name: str, value: Any, *, upper_open: bool = False) -> float:
     """A number in [0, 1] (or [0, 1) with ``upper_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
     if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
-        raise ValueError(f"{name} must be in [0, 1{')' if upper_open else ']'}, got {value!r}")
+        raise ConfigError(f"{name} must be in [0, 1{')' if upper_open else ']'}, got {value!r}")
     return float(value)
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """An int (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise ConfigTypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
     return value
 
 
 def check_positive_int(name: str, value: Any) -> int:
     """A size or count: an int > 0 (``ValueError`` for anything else, as for a width of 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def check_reduction(reduction: Any, allowed: Sequence[str] = REDUCTIONS) -> str:
     """One of ``allowed`` (by default :data:`REDUCTIONS`)."""
     if reduction not in allowed:
-        raise ValueError(f"reduction must be one of {', '.join(allowed)}; got {reduction!r}")
+        raise ConfigError(f"reduction must be one of {', '.join(allowed)}; got {reduction!r}")
     return str(reduction)
 
 
 def check_ignore_index(ignore_index: Any) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise ConfigTypeError(f"ignore_index must be an int, got {ignore_index!r}")
     return ignore_index
 
 
