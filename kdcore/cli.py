@@ -2,7 +2,8 @@
 
 ``kdcore plugins`` lists what the installed plugins register, ``kdcore check CONFIG`` checks a
 config file before anything is built (importing nothing it names unless ``--import``),
-``kdcore inspect PATH`` prints a checkpoint's manifest.
+``kdcore inspect PATH`` prints a checkpoint's manifest, ``kdcore new-plugin NAME`` writes a
+plugin package to start from.
 Each subcommand is one
 ``_add_<name>_command(subparsers)`` function that sets ``handler``; handlers import what they
 need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (``check``,
@@ -456,9 +457,42 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_new_plugin_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "new-plugin",
+        help="write a ready plugin package to start from",
+        description=(
+            "Write the package kdcore-NAME: a pyproject.toml with the kdcore entry point, a "
+            "working example plugin of the kind asked for, tests that check it against "
+            "kdcore.testing's contracts, and a README. Nothing is downloaded."
+        ),
+    )
+    parser.add_argument("name", help="the name the plugin registers, e.g. cosine")
+    parser.add_argument(
+        "--kind",
+        default="criterion",
+        help="criterion (default), balancer, teacher-loader or backend",
+    )
+    parser.add_argument(
+        "--directory", type=Path, default=Path("."), help="where to write it (default: here)"
+    )
+    parser.set_defaults(handler=_run_new_plugin)
+
+
+def _run_new_plugin(args: argparse.Namespace) -> int:
+    from kdcore.scaffold import new_plugin
+
+    package = new_plugin(args.name, args.kind, args.directory)
+    for path in sorted(p for p in package.rglob("*") if p.is_file()):
+        print(f"wrote {path}")
+    print(f"next: pip install -e {package} && python -m pytest {package / 'tests'}")
+    return 0
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     _add_plugins_command,
     _add_check_command,
     _add_inspect_command,
     _add_distill_command,
+    _add_new_plugin_command,
 ]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kdcore.errors import ConfigError, ConfigTypeError
+from kdcore.errors import ConfigError, ConfigTypeError, shown
 
 #: The label of positions that do not count (prompt, padding), as PyTorch and Hugging Face use it.
 IGNORE_INDEX = -100
@@ -51,68 +51,70 @@ __all__ = [
 def check_number(name: str, value: Any) -> float:
     """``value`` as a float; a bool is not a number here."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a number, got {shown(value)}")
     return float(value)
 
 
 def check_non_negative(name: str, value: Any) -> float:
     number = check_number(name, value)
     if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
+        raise ConfigError(f"{name} must be finite and >= 0, got {shown(value)}")
     return number
 
 
 def check_positive(name: str, value: Any) -> float:
     number = check_number(name, value)
     if not math.isfinite(number) or number <= 0:
-        raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
+        raise ConfigError(f"{name} must be finite and > 0, got {shown(value)}")
     return number
 
 
 def check_temperature(temperature: Any) -> float:
     """A softmax temperature: finite and > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ConfigTypeError(f"temperature must be a number, got {temperature!r}")
+        raise ConfigTypeError(f"temperature must be a number, got {shown(temperature)}")
     if not temperature > 0 or temperature == math.inf:
-        raise ConfigError(f"temperature must be finite and > 0, got {temperature!r}")
+        raise ConfigError(f"temperature must be finite and > 0, got {shown(temperature)}")
     return float(temperature)
 
 
 def check_unit_interval(name: str, value: Any, *, upper_open: bool = False) -> float:
     """A number in [0, 1] (or [0, 1) with ``upper_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a number, got {shown(value)}")
     if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
-        raise ConfigError(f"{name} must be in [0, 1{')' if upper_open else ']'}, got {value!r}")
+        raise ConfigError(
+            f"{name} must be in [0, 1{')' if upper_open else ']'}, got {shown(value)}"
+        )
     return float(value)
 
 
 def check_int(name: str, value: Any, *, minimum: int) -> int:
     """An int (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigTypeError(f"{name} must be an int, got {value!r}")
+        raise ConfigTypeError(f"{name} must be an int, got {shown(value)}")
     if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {shown(value)}")
     return value
 
 
 def check_positive_int(name: str, value: Any) -> int:
     """A size or count: an int > 0 (``ValueError`` for anything else, as for a width of 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int, got {shown(value)}")
     return value
 
 
 def check_reduction(reduction: Any, allowed: Sequence[str] = REDUCTIONS) -> str:
     """One of ``allowed`` (by default :data:`REDUCTIONS`)."""
     if reduction not in allowed:
-        raise ConfigError(f"reduction must be one of {', '.join(allowed)}; got {reduction!r}")
+        raise ConfigError(f"reduction must be one of {', '.join(allowed)}; got {shown(reduction)}")
     return str(reduction)
 
 
 def check_ignore_index(ignore_index: Any) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ConfigTypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        raise ConfigTypeError(f"ignore_index must be an int, got {shown(ignore_index)}")
     return ignore_index
 
 

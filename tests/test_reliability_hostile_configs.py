@@ -18,6 +18,10 @@ import pytest
 import kdcore as kd
 from kdcore.cli import main
 
+# The bombs below expand to 10**30 values or more: without a guard they never finish. The bound
+# is far above a guarded refusal (milliseconds) so that a loaded machine does not fail it.
+UNBOUNDED_WORK_S = 30.0
+
 # A module that leaves a sentinel file when it is imported: the code a config could make run.
 EVIL_MODULE = """
 from pathlib import Path
@@ -225,11 +229,11 @@ def test_yaml_alias_bombs_are_refused_quickly(
     start = time.perf_counter()
     with pytest.raises(kd.ConfigError, match=match) as info:
         kd.load_config(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < UNBOUNDED_WORK_S
     assert str(info.value).startswith(f"{path}: ")
     start = time.perf_counter()
     assert main(["check", str(path)]) == 1
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < UNBOUNDED_WORK_S
     assert len(capsys.readouterr().err) < 500
 
 
@@ -288,7 +292,7 @@ def test_python_configs_that_expand_to_billions_of_values_are_refused_quickly(
     start = time.perf_counter()
     with pytest.raises(kd.ConfigError) as info:
         kd.check([("kd_loss", _with(config, _shared(30)))])
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < UNBOUNDED_WORK_S
     assert str(info.value) == (
         "kd_loss: holds more than 1,000,000 values (a part shared by several places counts "
         "each time)"
