@@ -57,11 +57,14 @@ class LogitsDistillationLoss(ForwardKLLoss):
 class MFTLoss(nn.Module):
     """Minifinetuning loss (arXiv 2506.15702): KD towards a label-corrected teacher.
 
-    The teacher's distribution ``p = softmax(t / T)`` is corrected wherever the label does not lead
-    every other class by ``threshold``: the other classes are scaled by
-    ``a = (1 - threshold) / (1 - p_label + p_max_other)`` and the label takes the freed mass, so
-    that it leads by exactly ``threshold``. The loss is ``KL(q || softmax(s / T)) * T**2`` over the
-    positions whose label is not ``ignore_index``; ``"batchmean"`` divides by their count.
+    The teacher's distribution ``p = softmax(t / T)`` is mixed with the one-hot label,
+    ``q = p * (1 - m) + m * onehot(label)``, as the reference computes it. Where the teacher's
+    argmax is not the label, ``m = (p_argmax - p_label + threshold) / (1 + p_argmax - p_label)``:
+    the label then leads the argmax by ``threshold``. Where it is the label, the label's share
+    rises to ``target = p_label + threshold`` (to 1 once ``p_label > 1 - threshold``):
+    ``m = (target - p_label) / (1 - p_label)``. Both denominators carry the reference's ``1e-7``.
+    The loss is ``KL(q || softmax(s / T)) * T**2`` over the positions whose label is not
+    ``ignore_index``; ``"batchmean"`` divides by their count.
     ``forward(student, teacher, labels)``; logits are flattened to ``[N, C]``, and with
     ``"none"`` the per-position losses come back in the logits' leading shape (0 where ignored).
     """
@@ -112,17 +115,20 @@ class MFTLoss(nn.Module):
         return per_position.sum() / max(per_position.numel() * classes, 1)
 
     def corrected_teacher(self, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(teacher_logits.float(), dim=-1)
-        label_mask = F.one_hot(labels, probs.shape[-1]).bool()
+        """The target distribution ``q`` for ``[N, C]`` logits (already divided by ``T``)."""
+        # Half-precision logits are corrected in float32, float64 ones in float64.
+        dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+        probs = F.softmax(teacher_logits, dim=-1, dtype=dtype)
         p_label = probs.gather(-1, labels[:, None]).squeeze(-1)
-        p_other_max = probs.masked_fill(label_mask, -1.0).amax(-1)
-        needs_correction = p_label - p_other_max < self.threshold
-        scale = (1 - self.threshold) / (1 - p_label + p_other_max)
-        scale = torch.where(needs_correction, scale, torch.ones_like(scale))
-        corrected = probs * scale[:, None]
-        corrected = torch.where(label_mask, (1 - scale * (1 - p_label))[:, None], corrected)
-        # Rows whose label already leads by ``threshold`` stay exactly the teacher's distribution.
-        corrected = torch.where(needs_correction[:, None], corrected, probs)
+        p_argmax, argmax = probs.max(-1)
+        threshold = self.threshold
+        label_target = torch.where(p_label > 1 - threshold, 1.0, p_label + threshold)
+        mix = torch.where(
+            argmax == labels,
+            (label_target - p_argmax) / (1 - p_argmax + 1e-7),
+            (p_argmax - p_label + threshold) / (1 + p_argmax - p_label + 1e-7),
+        )
+        corrected = (probs * (1 - mix[:, None])).scatter_add(-1, labels[:, None], mix[:, None])
         return corrected.to(teacher_logits.dtype)
 
     def extra_repr(self) -> str:
@@ -135,7 +141,9 @@ class MGDLoss(nn.Module):
     The student's feature map (aligned to the teacher's channels by a 1x1 conv when the counts
     differ) is randomly masked at ``lambda_mgd`` of its spatial positions, a conv3x3-ReLU-conv3x3
     generator rebuilds the teacher's map from it, and the loss is
-    ``alpha_mgd * sum((generated - teacher)**2) / N``. Has learnable parameters.
+    ``alpha_mgd * mean((generated - teacher)**2)`` over all ``N*C*H*W`` elements, as the reference
+    computes it (the MGD authors divide the sum by ``N``: their ``alpha_mgd`` times ``C*H*W`` is
+    this one). Under one seed the mask is the reference's. Has learnable parameters.
     """
 
     def __init__(
@@ -181,11 +189,10 @@ class MGDLoss(nn.Module):
                 f"features {tuple(teacher_output.shape)}"
             )
         batch, _, height, width = aligned.shape
-        # P(rand < lambda) = lambda: exactly none masked at 0, all at 1.
-        keep = torch.rand(batch, 1, height, width, device=aligned.device) >= self.lambda_mgd
-        generated = self.generation(aligned * keep.to(aligned.dtype))
-        loss = F.mse_loss(generated, teacher_output.detach(), reduction="sum") / batch
-        return loss * self.alpha_mgd
+        # Masked where u > 1 - lambda, as the reference draws it: the same seed, the same mask.
+        drop = torch.rand(batch, 1, height, width, device=aligned.device) > 1 - self.lambda_mgd
+        generated = self.generation(aligned * (~drop).to(aligned.dtype))
+        return F.mse_loss(generated, teacher_output.detach()) * self.alpha_mgd
 
     def extra_repr(self) -> str:
         return f"alpha_mgd={self.alpha_mgd}, lambda_mgd={self.lambda_mgd}"

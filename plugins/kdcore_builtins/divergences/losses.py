@@ -126,9 +126,10 @@ class GeneralizedJSDLoss(LogitDivergenceLoss):
     ``JSD_beta = beta KL(q || m) + (1 - beta) KL(p || m)``, and the endpoints taken as TRL takes
     them: ``beta = 0`` is the forward KL ``KL(q || p)``, ``beta = 1`` the reverse KL
     ``KL(p || q)`` (the mixture formula itself vanishes at both ends). Unlike TRL, the result is
-    multiplied by ``T**2`` like every loss here (at ``T = 1`` the values agree), and
-    ``"batchmean"`` follows the rule of :mod:`kdcore_builtins.divergences` (TRL divides by
-    batch x sequence length: pass ``labels`` to get a per-token mean).
+    multiplied by ``T**2`` like every loss here (at ``T = 1`` the values agree). ``"batchmean"``
+    follows the rule of :mod:`kdcore_builtins.divergences`, which is TRL's: without ``labels``
+    the sum is divided by the first dimension (the batch for ``[B, S, V]`` logits, not B x S),
+    with them by the number of labelled positions (pass ``labels`` for a per-token mean).
     """
 
     divergence = "jsd"
