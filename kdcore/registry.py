@@ -102,7 +102,11 @@ class Registry(Generic[T]):
             message += f"; did you mean {match!r}?"
         external = KNOWN_EXTERNAL_NAMES.get((self.kind, str(name)))
         if external is not None:
-            message += f"; it is provided by {external!r}: pip install {external}"
+            # Until they are on the package index, they install from this repository's plugins/.
+            message += (
+                f"; it is provided by {external!r}: pip install {external}, or from a checkout "
+                f"of the kdcore repository: pip install -e plugins/{external}"
+            )
         elif self.disabled_providers:
             disabled = ", ".join(str(p) for p in self.disabled_providers)
             message += f"; disabled by KDCORE_DISABLE_PLUGINS, which may provide it: {disabled}"

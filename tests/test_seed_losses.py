@@ -1,4 +1,6 @@
-"""The seed's own losses give the reference's numbers (REFERENCE.md, "Losses").
+"""The seed's own losses give the reference's numbers (REFERENCE.md, "Losses"), and two new-user
+rough edges: how to install the transformers plugin from this repository, and how long the
+README's test command takes.
 
 ``kd.MFTLoss`` and ``kd.MGDLoss`` keep the reference's names, so code ported from it must get the
 same values: each is compared with an independent float64 computation of the reference's formula.
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ import torch.nn.functional as F
 
 import kdcore as kd
 
+REPO = Path(__file__).resolve().parent.parent
 EXACT = {"atol": 1e-12, "rtol": 1e-12}
 
 
@@ -213,3 +218,25 @@ def test_mgd_authors_alpha_maps_to_alpha_times_c_h_w() -> None:
     student, teacher = torch.randn(n, c, h, w).double(), torch.randn(n, c, h, w).double()
     authors = authors_alpha * ((mgd.generation(student) - teacher) ** 2).sum() / n
     torch.testing.assert_close(mgd(student, teacher), authors, **EXACT)
+
+
+# ====================================================================== rough edges 17 and 18
+def test_a_missing_transformers_plugin_says_how_to_install_it_from_this_repository() -> None:
+    spec = {"name": "transformers", "path": "owner/model"}
+    with (
+        kd.use_host(kd.PluginHost(blocked=["transformers"])),
+        pytest.raises(kd.UnknownPluginError) as caught,
+    ):
+        kd.check([("kd_loss", {"teacher_model": spec, "criterion": {"name": "logits"}})])
+    message = str(caught.value)
+    assert "pip install kdcore-transformers" in message
+    checkout = re.search(r"from a checkout .*: pip install -e ([\w./-]+)", message)
+    assert checkout is not None, message
+    assert (REPO / checkout.group(1) / "pyproject.toml").is_file()
+
+
+def test_the_readme_quick_start_says_how_long_the_tests_take_and_how_to_run_the_fast_tier() -> None:
+    quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ")[0]
+    assert re.search(r"about\s+\d+\s+minutes", quick_start), "the full test run's duration"
+    assert 'python -m pytest -q -m "not slow"' in quick_start
+    assert re.search(r"about\s+\d+\s+s\b", quick_start), "the fast tier's duration"

@@ -125,7 +125,8 @@ def test_without_the_plugin_the_loader_is_unknown_with_a_hint_to_install_it(
         "kd_loss.teacher_model.name: unknown teacher loader 'transformers'; registered: callable"
     )
     assert message.endswith(
-        "it is provided by 'kdcore-transformers': pip install kdcore-transformers"
+        "it is provided by 'kdcore-transformers': pip install kdcore-transformers, or from a "
+        "checkout of the kdcore repository: pip install -e plugins/kdcore-transformers"
     )
 
 
