@@ -33,6 +33,7 @@ from kdcore.config_files import load_config
 from kdcore.errors import (
     ConfigError,
     ConfigTypeError,
+    CriterionError,
     DistillationStateError,
     KDCoreError,
     PluginConflictError,
@@ -87,6 +88,7 @@ __all__ = [
     "CheckpointWriteError",
     "ConfigError",
     "ConfigTypeError",
+    "CriterionError",
     "DistillationLossBalancer",
     "DistillationModel",
     "DistillationStateError",

@@ -21,9 +21,10 @@ need when they run, so that ``kdcore --help`` stays cheap and a new subcommand (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,11 @@ def _add_check_command(subparsers: Any) -> None:
             "their criteria and balancers built. --import checks the references too, by "
             "importing their modules and calling the classes the config names: their code "
             "runs, so use it only on a config you trust. With --student, also check the layer "
-            "names against the student that the callable returns (it is imported and called)."
+            "names against the student that the callable returns (it is imported and called). "
+            "With --import and a student (--student, or a job file's [train] student), also "
+            "take one step on the job's first batch (a plain config: a dummy batch, when the "
+            "student's first layer tells its input) to check that every criterion fits its "
+            "layers' outputs."
         ),
     )
     parser.add_argument("config", help="the config file (.toml, .json, .yaml)")
@@ -265,6 +270,7 @@ def _run_check(args: argparse.Namespace) -> int:
     from kdcore.modes import check
     from kdcore.references import resolve
     from kdcore.training.config import TRAIN_TABLE, load_job
+    from kdcore.training.loop import job_factory
 
     imports = args.import_references
     if imports or args.student is not None:
@@ -275,10 +281,11 @@ def _run_check(args: argparse.Namespace) -> int:
             "classes it names (their code runs)"
         )
     train = None
-    if TRAIN_TABLE in read_config_file(Path(args.config)):  # a kdcore distill job file
-        modes, train = load_job(args.config, imports=imports)
-    else:
-        modes = load_config(args.config, imports=imports)
+    with _errors_from(args.config):
+        if TRAIN_TABLE in read_config_file(Path(args.config)):  # a kdcore distill job file
+            modes, train = load_job(args.config, imports=imports)
+        else:
+            modes = load_config(args.config, imports=imports)
     student = None
     if args.student is not None:
         student = resolve(args.student, what="student factory")()
@@ -286,15 +293,20 @@ def _run_check(args: argparse.Namespace) -> int:
 
         if not isinstance(student, torch.nn.Module):
             raise ConfigTypeError(f"--student {args.student} returned {type(student).__name__}")
-    for line in check(modes, student=student, imports=imports) if modes else []:
-        print(line)
-    if train is not None:
-        length = f"{train.epochs or 1} epochs" if train.steps is None else f"{train.steps} steps"
-        print(
-            f"[{TRAIN_TABLE}] {train.student} on {train.data}: {train.optimizer} "
-            f"lr {train.learning_rate}, {length}, batch {train.batch_size}, {train.device}, "
-            f"output {train.output}"
-        )
+    with _errors_from(args.config):
+        if student is None and imports and train is not None:
+            student = job_factory(train, "student")()
+        for line in check(modes, student=student, imports=imports) if modes else []:
+            print(line)
+        if train is not None:
+            length = _count(train.steps, "step") if train.steps else _count(train.epochs, "epoch")
+            print(
+                f"[{TRAIN_TABLE}] {train.student} on {train.data}: {train.optimizer} "
+                f"lr {train.learning_rate}, {length}, batch {train.batch_size}, {train.device}, "
+                f"output {train.output}"
+            )
+        if modes and student is not None:
+            print(_probe_shapes(modes, student, train) if imports else _NO_PROBE)
     if not imports:
         print(
             "static check: nothing the config names was imported or called "
@@ -302,6 +314,93 @@ def _run_check(args: argparse.Namespace) -> int:
         )
     print(f"{args.config}: ok")
     return 0
+
+
+def _count(number: int | None, unit: str) -> str:
+    number = number or 1
+    return f"{number} {unit}{'' if number == 1 else 's'}"
+
+
+_NO_PROBE = "shape probe: not run (it builds the teacher, which runs the config's code: --import)"
+#: Examples in a dummy batch, enough for the criteria that relate the examples of a batch.
+_DUMMY_EXAMPLES = 4
+
+
+def _probe_shapes(modes: list[tuple[str, Any]], student: Any, train: Any) -> str:
+    """Take one step as ``kdcore distill`` would, on the job's first batch (without a job, on a
+    dummy batch when the student's first layer tells its input), under ``no_grad``: a criterion
+    that does not fit its layers' outputs raises :class:`kdcore.CriterionError` here, at its
+    config path, rather than in the first step of a run."""
+    import torch
+
+    import kdcore as kd
+    from kdcore.errors import ConfigError
+    from kdcore.plugin import is_distillation_model
+    from kdcore.training.loop import first_batch
+
+    if train is not None:
+        inputs, source = first_batch(train)[0], f"the first batch of {train.data}"
+    else:
+        inputs, source = _dummy_inputs(student), "a dummy batch"
+        if inputs is None:
+            return "shape probe: not run (no job data, and no known input for the student)"
+    model = kd.convert(student, modes)
+    if not is_distillation_model(model):
+        return "shape probe: not run (the modes give back a plain model)"
+    described = f"{source} (inputs {tuple(getattr(inputs, 'shape', ()))})"
+    model.eval()
+    with torch.no_grad():
+        for side, alone in (
+            ("teacher", model.only_teacher_forward),
+            ("student", model.only_student_forward),
+        ):
+            try:
+                with alone():
+                    output = model(inputs)
+            except (ValueError, RuntimeError) as exc:
+                if train is None:  # a guess that did not fit, not the user's mistake
+                    return f"shape probe: not run ({described} does not fit the {side}: {exc})"
+                raise ConfigError(
+                    f"the {side} cannot take {described}: {type(exc).__name__}: {exc}",
+                    path="train.data",
+                ) from exc
+        # Labels of the right shape for a criterion that takes them (MFTLoss): the student's.
+        labels: dict[str, Any] = {}
+        if isinstance(output, torch.Tensor) and model.accepts_loss_kwarg("labels"):
+            labels["labels"] = output.argmax(-1)
+        model.compute_kd_loss(skip_balancer=True, **labels)
+    return f"shape probe: one step on {described}: every criterion takes its layers' outputs"
+
+
+def _dummy_inputs(student: Any) -> Any:
+    """A batch for the student's first layer, if it is one whose input is known."""
+    import torch
+    from torch import nn
+
+    for module in student.modules():
+        if isinstance(module, nn.Linear):
+            return torch.randn(_DUMMY_EXAMPLES, module.in_features)
+        if isinstance(module, nn.Conv2d):
+            return torch.randn(_DUMMY_EXAMPLES, module.in_channels, 32, 32)
+        if isinstance(module, nn.Embedding):
+            return torch.randint(module.num_embeddings, (_DUMMY_EXAMPLES, 16))
+        if next(module.parameters(recurse=False), None) is not None:
+            return None
+    return None
+
+
+@contextlib.contextmanager
+def _errors_from(config: str, *others: str) -> Iterator[None]:
+    """Errors about the config's values start with the config file, as ``load_job``'s do; those
+    that name another file already (``others``: a checkpoint) are left as they are."""
+    from kdcore.errors import ConfigError, UnknownNameError
+
+    try:
+        yield
+    except (ConfigError, UnknownNameError) as exc:
+        if not str(exc).startswith(tuple(f"{source}: " for source in (config, *others))):
+            exc.args = (f"{config}: {exc.args[0]}", *exc.args[1:])
+        raise
 
 
 # ---------------------------------------------------------------------------- kdcore inspect
@@ -449,12 +548,34 @@ def _run_distill(args: argparse.Namespace) -> int:
 
     _import_from_current_folder()
     modes, config = load_job(args.config)  # everything checked before anything is built
+    output = Path(config.output)
+    fresh = not output.exists()
+    resumed = () if args.resume is None else (args.resume, str(Path(args.resume)))
     try:
-        train(modes, config, resume=args.resume)  # progress, summary and plot: rank 0 only
+        with _errors_from(args.config, *resumed):
+            train(modes, config, resume=args.resume)  # progress, summary and plot: rank 0 only
     except KeyboardInterrupt:
         print(f"{PROG} distill: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if fresh:
+            _remove_unused_output(output)
+        raise
     return 0
+
+
+def _remove_unused_output(output: Path) -> None:
+    """Remove the output folder of a run that failed before its first step (an empty
+    metrics file is all it holds); anything else in it stays."""
+    from kdcore.training.metrics import METRICS_NAME
+
+    metrics = output / METRICS_NAME
+    with contextlib.suppress(OSError):  # another rank may have removed it first
+        if [path.name for path in output.iterdir()] == [
+            METRICS_NAME
+        ] and not metrics.stat().st_size:
+            metrics.unlink()
+        output.rmdir()  # only when empty
 
 
 def _add_new_plugin_command(subparsers: Any) -> None:

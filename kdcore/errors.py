@@ -32,6 +32,11 @@ class ConfigTypeError(ConfigError, TypeError):
     """A config value has the wrong type (a list where a dict belongs, say)."""
 
 
+class CriterionError(ConfigError, RuntimeError):
+    """A criterion refused the outputs of its layer pair (their shapes do not fit it, say);
+    ``path`` is its config entry. Also a ``RuntimeError``, as torch's shape errors are."""
+
+
 class UnknownNameError(KDCoreError, KeyError):
     """A name that no registry, layer or mode knows."""
 
@@ -100,6 +105,9 @@ class _BoundedRepr(reprlib.Repr):
         return "{" + ", ".join(pieces + (["..."] if len(x) > self.maxdict else [])) + "}"
 
     def repr_instance(self, x: object, level: int) -> str:
+        if getattr(x, "_modules", None) and callable(getattr(x, "extra_repr", None)):
+            # An nn.Module with children: its own repr lists them over several lines.
+            return cut(f"{type(x).__name__}({x.extra_repr() or '...'})")  # type: ignore[attr-defined]
         if isinstance(x, Mapping):  # other mappings than dict: bounded too
             return self.repr_dict(x, level)
         if isinstance(x, list):

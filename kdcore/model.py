@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer, StudentLossWeightWarning
-from kdcore.errors import DistillationStateError, did_you_mean
-from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair, split_layer
+from kdcore.errors import CriterionError, DistillationStateError, KDCoreError, did_you_mean
+from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair, loss_name, split_layer
 
 if TYPE_CHECKING:
     from kdcore.record import ModeRecord
@@ -333,7 +333,12 @@ class DistillationModel(nn.Module):
                 if pair.accepted_kwargs is None
                 else {k: v for k, v in loss_fn_kwargs.items() if k in pair.accepted_kwargs}
             )
-            loss = pair.loss(student_out, teacher_out, **kwargs)
+            try:  # free when nothing is raised
+                loss = pair.loss(student_out, teacher_out, **kwargs)
+            except (ValueError, RuntimeError) as exc:
+                if isinstance(exc, KDCoreError | torch.OutOfMemoryError):
+                    raise
+                raise _criterion_error(pair, exc, student_out, teacher_out) from exc
             losses[pair.key] = loss_reduction_fn(loss) if loss_reduction_fn is not None else loss
         state.clear_captures()
         if skip_balancer:
@@ -525,6 +530,21 @@ class DistillationModel(nn.Module):
         )
         with self.kd_hidden_children(hidden):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _criterion_error(
+    pair: LossPair, error: Exception, student_out: Any, teacher_out: Any
+) -> CriterionError:
+    """``error``, raised by ``pair``'s loss, naming the pair and its outputs' shapes."""
+    name = loss_name(pair.loss)
+    message = str(error).removeprefix(f"{name}: ")  # a kdcore criterion names itself
+    shapes = [
+        str(tuple(o.shape)) for o in (student_out, teacher_out) if isinstance(o, torch.Tensor)
+    ]
+    if len(shapes) == 2 and not all(shape in message for shape in shapes):
+        message = f"student output {shapes[0]} and teacher output {shapes[1]}: {message}"
+    layers = tuple(layer or "<output>" for layer in (pair.student_layer, pair.teacher_layer))
+    return CriterionError(f"{name} on {layers}: {message}", path=pair.path)
 
 
 def _forward_with_signature(wrapper_forward: Any, student_forward: Any) -> Any:

@@ -53,6 +53,7 @@ class LossPair:
     loss: Callable[..., Any]
     key: str  # the loss-dict key, f"{loss name}_{index}"
     accepted_kwargs: frozenset[str] | None  # None: the loss takes **kwargs
+    path: str = ""  # the config entry, for errors: "kd_loss.criterion[1]"
 
 
 @attrs.frozen
@@ -108,6 +109,7 @@ def plan_distillation(
                     loss_name(loss), index, isinstance(teacher, TeacherEnsemble), teacher_layer
                 ),
                 accepted_kwargs=_accepted_kwargs(loss),
+                path=entry_path,
             )
         )
 

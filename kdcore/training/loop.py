@@ -125,15 +125,14 @@ def _train(
     stream: TextIO | None,
 ) -> TrainResult:
     import kdcore as kd
-    from kdcore.plugin import resolve
 
     def quiet(_line: str) -> None:
         pass
 
     say = log if log is not None and job.main else quiet
     start = time.perf_counter()
-    make_student = student or resolve(config.student, what="student factory")
-    make_data = data or resolve(config.data, what="data factory")
+    make_student = student or job_factory(config, "student")
+    make_data = data or job_factory(config, "data")
     device = device_of(config.device, job)
     output = Path(config.output)
     fsdp = job.strategy == "fsdp2"
@@ -287,6 +286,35 @@ def _train(
         rank=job.rank,
         world_size=job.world_size,
     )
+
+
+def job_factory(config: TrainConfig, name: str) -> Callable[[], Any]:
+    """The callable that ``config.student`` or ``config.data`` (``name``) names, imported. What
+    goes wrong, importing it or calling it, is a :class:`kdcore.ConfigError` at ``train.<name>``
+    naming it: the job file's own code, reported in one line."""
+    from kdcore.plugin import resolve
+
+    reference, path, what = getattr(config, name), f"train.{name}", f"{name} factory"
+    try:
+        factory = resolve(reference, what=what)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), path=path) from None
+
+    def call() -> Any:
+        try:
+            return factory()
+        except Exception as exc:
+            raise ConfigError(
+                f"{what} {reference!r} raised {type(exc).__name__}: {exc}", path=path
+            ) from exc
+
+    return call
+
+
+def first_batch(config: TrainConfig) -> tuple[Any, Any]:
+    """The batch a run of ``config`` starts with (its data factory called), as ``(x, y)``."""
+    train_data, _ = _split(job_factory(config, "data")())
+    return next(iter(_epoch(train_data, config, 0)))  # type: ignore[no-any-return]
 
 
 def _require_numpy_for_dcp() -> None:
