@@ -336,7 +336,8 @@ class DistillationModel(nn.Module):
             try:  # free when nothing is raised
                 loss = pair.loss(student_out, teacher_out, **kwargs)
             except (ValueError, RuntimeError) as exc:
-                if isinstance(exc, KDCoreError | torch.OutOfMemoryError):
+                # Not the outputs' fault. (torch.OutOfMemoryError is new in torch 2.5.)
+                if isinstance(exc, KDCoreError | torch.cuda.OutOfMemoryError):
                     raise
                 raise _criterion_error(pair, exc, student_out, teacher_out) from exc
             losses[pair.key] = loss_reduction_fn(loss) if loss_reduction_fn is not None else loss

@@ -101,6 +101,14 @@ def test_errors_that_are_not_a_criterion_refusing_its_inputs_pass_unchanged() ->
         model.compute_kd_loss()
     assert str(state_error.value) == "its own message"
 
+    def out_of_memory(student: torch.Tensor, teacher: torch.Tensor) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    model = _convert(out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as memory_error:
+        model.compute_kd_loss()
+    assert not isinstance(memory_error.value, kd.KDCoreError)
+
 
 def test_check_probes_the_jobs_first_batch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
