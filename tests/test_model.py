@@ -320,7 +320,8 @@ def test_only_teacher_forward_returns_the_teacher_output(
     with model.only_teacher_forward():
         output = model(batch)
     assert torch.equal(output, model.teacher_model(batch))
-    assert "" not in model.kd_state.student_outputs  # the teacher output is not taken for the student's
+    # the teacher output is not taken for the student's
+    assert "" not in model.kd_state.student_outputs
 
 
 def test_only_student_and_only_teacher_together_are_refused(student: TinyNet) -> None:
