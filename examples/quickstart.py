@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", "Failed to initialize NumPy")  # torch without NumPy says so
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import kdcore as kd  # noqa: E402
+import kdcore as kd
 
 CLASSES, DIMENSIONS, BLOBS = 10, 32, 3
 

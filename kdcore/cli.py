@@ -530,9 +530,6 @@ def _add_distill_command(subparsers: Any) -> None:
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    import warnings
-
-    warnings.filterwarnings("ignore", "Failed to initialize NumPy")
     if args.config is None:
         if args.resume is not None:
             print(f"{PROG} distill: error: --resume needs the job's CONFIG", file=sys.stderr)
