@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +54,22 @@ def _strict_scalar(kind: type, accepted: tuple[type, ...]) -> Any:
     return structure
 
 
+def _is_choice(kind: Any) -> bool:
+    return typing.get_origin(kind) is typing.Literal
+
+
+def _structure_choice(value: Any, kind: Any) -> Any:
+    # The scalar's type counts too: True == 1, and cattrs' own message names typing internals.
+    choices = typing.get_args(kind)
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        names = [str(choice) for choice in choices]
+        raise ValueError(
+            f"expected one of {', '.join(names)}, got {shown(value)}"
+            + (did_you_mean(value, names) if isinstance(value, str) else "")
+        )
+    return value
+
+
 @functools.cache
 def _converter() -> cattrs.Converter:
     """The converter every config goes through, built at first use.
@@ -67,6 +84,7 @@ def _converter() -> cattrs.Converter:
     converter.register_structure_hook(int, _strict_scalar(int, (int,)))
     converter.register_structure_hook(float, _strict_scalar(float, (int, float)))
     converter.register_structure_hook(str, _strict_scalar(str, (str,)))
+    converter.register_structure_hook_func(_is_choice, _structure_choice)
     return converter
 
 
