@@ -1,13 +1,19 @@
-"""Run every snippet of the docs pages in order: ``python docs/check_snippets.py [page.md ...]``.
+"""Run every snippet of the docs pages and the README in order:
+``python docs/check_snippets.py [page.md ...]``.
 
-Each page runs in a fresh temporary folder, its Python blocks in one interpreter (in
-``__main__``, so that ``"__main__:name"`` references resolve), in order. Markers, written as
-HTML comments on the line just before a fenced block, say what else to do with a block:
+Each page runs in a fresh temporary folder, removed afterwards, its Python blocks in one
+interpreter (in ``__main__``, so that ``"__main__:name"`` references resolve), in order. Markers,
+written as HTML comments on the line just before a fenced block, say what else to do with a block:
 
     <!-- file: NAME -->   write the block to NAME (relative to the page's folder)
     <!-- skip -->         do not run the block
     <!-- run -->          run the (shell) block as it is, in the page's folder
     <!-- run: CMD -->     run CMD instead of the block shown ("{repo}" is the repository root)
+    <!-- hidden           (a comment left open) the Python block up to the closing ``-->``
+    ```python             runs but is not shown: it defines what the next visible block
+    ...                   takes as given (a student, some data)
+    ```
+    -->
 
 Unmarked blocks other than ``python`` (console, text, toml...) are shown, not run.
 ``-v`` prints every page's output.
@@ -27,8 +33,9 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
 FENCE = re.compile(r"^```(\w+)\s*$")
-MARK = re.compile(r"^<!--\s*(file|skip|run)(?::\s*(.*?))?\s*-->\s*$")
+MARK = re.compile(r"^<!--\s*(file|skip|run)(?::\s*(.*?))?\s*-->\s*$|^<!--\s*(hidden)\s*$")
 
 DRIVER = r"""
 import json, os, subprocess, sys
@@ -59,7 +66,7 @@ def blocks(text: str) -> Iterator[tuple[str, str, tuple[str, str | None] | None]
         line = lines[index]
         mark, fence = MARK.match(line), FENCE.match(line)
         if mark:
-            marker = (mark.group(1), mark.group(2))
+            marker = (mark.group(1) or mark.group(3), mark.group(2))
         elif fence:
             body = []
             index += 1
@@ -90,7 +97,11 @@ def steps_of(page: Path) -> list[tuple[str, str, str]]:
 
 
 def check(page: Path, verbose: bool) -> bool:
-    work = Path(tempfile.mkdtemp(prefix=f"kdcore-docs-{page.stem}-"))
+    with tempfile.TemporaryDirectory(prefix=f"kdcore-docs-{page.stem}-") as folder:
+        return check_in(page, Path(folder), verbose)
+
+
+def check_in(page: Path, work: Path, verbose: bool) -> bool:
     steps = steps_of(page)
     (work / "_steps.json").write_text(json.dumps(steps))
     (work / "_driver.py").write_text(DRIVER)
@@ -112,7 +123,7 @@ def check(page: Path, verbose: bool) -> bool:
         check=False,
     )
     ok = result.returncode == 0
-    print(f"{'ok  ' if ok else 'FAIL'} {page.name}: {len(steps)} steps, in {work}")
+    print(f"{'ok  ' if ok else 'FAIL'} {page.name}: {len(steps)} steps")
     if verbose or not ok:
         print(textwrap.indent(result.stdout[-8000:] + result.stderr[-8000:], "    "))
     return ok
@@ -120,7 +131,7 @@ def check(page: Path, verbose: bool) -> bool:
 
 def main(argv: list[str]) -> int:
     verbose = "-v" in argv
-    pages = [Path(a) for a in argv if not a.startswith("-")] or sorted(DOCS.glob("*.md"))
+    pages = [Path(a) for a in argv if not a.startswith("-")] or PAGES
     results = [check(page, verbose) for page in pages]
     return 0 if all(results) else 1
 
