@@ -206,6 +206,8 @@ def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -
     try:
         return factory(**kwargs)
     except KDCoreError as exc:
+        if not getattr(exc, "path", "") and exc.args:  # its own check: say whose it is
+            exc.args = (f"{registry.kind} {name!r} refused its arguments: {exc.args[0]}",)
         raise _at_path(exc, path) from None
     except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int too large for float
         error = ConfigTypeError if isinstance(exc, TypeError) else ConfigError
