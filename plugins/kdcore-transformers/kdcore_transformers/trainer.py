@@ -146,6 +146,9 @@ class KDTrainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not model.training and not is_distillation_model(self.accelerator.unwrap_model(model)):
+            # export_student() gave the student back: evaluate it as transformers.Trainer does
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         meta = self.distillation_model()
         inputs = dict(inputs)
         labels = inputs.pop(LABELS, None)
@@ -248,7 +251,8 @@ class KDTrainer(transformers.Trainer):
         """Give the student back (``kd.export``: teacher, losses and hooks gone) and, with
         ``output_dir``, save it with ``save_pretrained`` (and the processing class, if any).
 
-        The trainer then holds the plain student: evaluate or save it, but distil no more.
+        The trainer then holds the plain student: evaluate it (its own loss, as
+        ``transformers.Trainer`` reports it) or save it, but distil no more.
         """
         student: nn.Module = kd.export(self.distillation_model())
         self.model = self.model_wrapped = student
