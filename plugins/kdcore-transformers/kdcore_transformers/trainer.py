@@ -69,7 +69,8 @@ class KDTrainer(transformers.Trainer):
     Every batch needs ``labels`` (input ids, ``-100`` where no loss counts). ``labels=`` reaches
     the criteria whose ``forward`` takes it, shifted, so the logit divergences skip masked rows.
     Evaluation reports ``eval_loss`` (the distillation loss training minimises, a mean over the
-    evaluation tokens) and ``eval_student_loss`` (the student's cross-entropy alone).
+    evaluation tokens) and ``eval_student_loss`` (the student's cross-entropy alone), leaving out
+    the examples accelerate repeats to even out the last batch over the ranks.
     Checkpoints hold the student's weights only (``from_pretrained`` loads them), plus
     ``kdcore_distillation.safetensors`` with the loss modules' weights, for resuming. Other
     keyword arguments go to ``transformers.Trainer``.
@@ -158,6 +159,10 @@ class KDTrainer(transformers.Trainer):
                 f"{', '.join(inputs) or 'nothing'}); use a collator that adds them, e.g. "
                 "DataCollatorForLanguageModeling(tokenizer, mlm=False)"
             )
+        repeated = 0 if model.training else self._repeated_rows(labels)
+        if 0 < repeated < len(labels):  # left out of the losses, as gather_for_metrics drops them
+            labels = labels.clone()
+            labels[len(labels) - repeated :] = llm.IGNORE_INDEX
         outputs = model(**inputs)  # the teacher, then the student; captures the paired layers
         kd_labels = llm.shift_labels(labels) if self.causal_shift else labels
         tokens = llm.count_tokens(kd_labels)
@@ -177,12 +182,24 @@ class KDTrainer(transformers.Trainer):
             loss = loss * (tokens / max(step_tokens, 1))
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.args.world_size  # DDP averages gradients over the ranks
-        elif not model.training and self._eval_totals is not None:
+        elif not model.training and self._eval_totals is not None and repeated < len(labels):
             totals = self._eval_totals
             totals[0] += loss.detach().to(totals) * tokens
             totals[1] += student_loss.detach().to(totals) * tokens
             totals[2] += tokens
         return (loss, outputs) if return_outputs else loss
+
+    def _repeated_rows(self, labels: torch.Tensor) -> int:
+        """How many of this rank's last rows repeat examples that accelerate added to even out
+        the evaluation's last batch over the ranks (``gather_for_metrics`` drops them)."""
+        accelerator, state = self.accelerator, self.accelerator.gradient_state
+        if accelerator.num_processes == 1 or not accelerator.even_batches:
+            return 0
+        if not state.end_of_dataloader or state.remainder <= 0:
+            return 0
+        rank = accelerator.process_index
+        owners = accelerator.gather_for_metrics(torch.full((len(labels),), rank, device=labels.device))
+        return len(labels) - int((owners == rank).sum())
 
     def evaluation_loop(
         self,
