@@ -19,6 +19,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
+
 from tests.test_transformers_plugin import arguments, examples, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ import kdcore as kd
 transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
+
 from tests.test_transformers_plugin import arguments, examples, tiny_llama  # noqa: E402
 
 

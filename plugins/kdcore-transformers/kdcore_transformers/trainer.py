@@ -198,7 +198,9 @@ class KDTrainer(transformers.Trainer):
         if not state.end_of_dataloader or state.remainder <= 0:
             return 0
         rank = accelerator.process_index
-        owners = accelerator.gather_for_metrics(torch.full((len(labels),), rank, device=labels.device))
+        owners = accelerator.gather_for_metrics(
+            torch.full((len(labels),), rank, device=labels.device)
+        )
         return len(labels) - int((owners == rank).sum())
 
     def evaluation_loop(
