@@ -22,7 +22,7 @@ from kdcore.plan import DistillationPlan
 from kdcore.plugin_manager import registries
 from kdcore.references import reference_of
 from kdcore.registry import Registry
-from kdcore.teacher import is_ensemble_spec, unpack_spec_tuple
+from kdcore.teacher import canonical_loader_spec, is_ensemble_spec, unpack_spec_tuple
 
 
 class NotRecordableWarning(UserWarning):
@@ -111,7 +111,7 @@ def _record_teacher(spec: Any, teacher: nn.Module) -> tuple[dict[str, Any], bool
             weights for _, weights in records.values()
         )
     if is_plugin_ref(spec):
-        return _data(dict(spec), "the teacher-loader mapping"), False
+        return _data(canonical_loader_spec(spec), "the teacher-loader mapping"), False
     if isinstance(spec, nn.Module):
         try:
             return _callable_ref(type(spec), (), init_kwargs(spec)), True

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from kdcore.converter import check_kwargs, instantiate, is_plugin_ref
+from kdcore.converter import PLUGIN_NAME_KEY, check_kwargs, instantiate, is_plugin_ref
 from kdcore.errors import ConfigError, ConfigTypeError, shown
 from kdcore.plugin_manager import registries
 from kdcore.references import NotResolvedError
@@ -106,6 +106,19 @@ def check_teacher_spec(spec: Any, *, path: str) -> str:
         raise ConfigTypeError(f"got {type(spec).__name__}; expected {SPEC_FORMS}", path=path)
     name = getattr(fn, "__qualname__", None) or shown(fn)
     return f"{name}(*{shown(list(args))}, **{shown(kwargs)})"
+
+
+def canonical_loader_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A teacher-loader mapping as a checkpoint records it: through the loader's optional
+    ``canonical(**kwargs)``, which gives the arguments a form that means the same from any
+    directory (the ``transformers`` loader makes a relative folder absolute)."""
+    name = spec[PLUGIN_NAME_KEY]
+    loaders = registries().teacher_loaders
+    canonical = getattr(loaders.get(name), "canonical", None) if name in loaders else None
+    if canonical is None:
+        return dict(spec)
+    kwargs = {key: value for key, value in spec.items() if key != PLUGIN_NAME_KEY}
+    return {PLUGIN_NAME_KEY: name, **canonical(**kwargs)}
 
 
 def unpack_spec_tuple(spec: tuple[Any, ...], *, path: str) -> tuple[Any, Any, Any]:

@@ -7,6 +7,11 @@
 Every argument is checked before anything is loaded (``kd.check`` calls :func:`validate`
 without loading), and refused values are named in a :class:`kdcore.ConfigError`.
 
+A folder is recorded as an absolute path (:func:`canonical_transformers_teacher`, which
+``kd.convert`` applies to the spec before a checkpoint records it), so ``kd.restore`` loads the
+same folder from any directory; a recorded absolute path that no longer exists is an error,
+never a hub id. A path naming no folder is a hub id, recorded as written.
+
 A kd.save checkpoint records the spec and kd.restore replays it, so the loader never runs code
 shipped with a model, whoever calls it: ``trust_remote_code`` is refused, a local folder whose
 ``config.json`` needs its own code (an ``auto_map``) is refused before transformers sees it, and
@@ -17,6 +22,7 @@ itself (for a hub id) instead of asking "run the custom code? [y/N]" on stdin.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,12 +65,19 @@ REFUSED_KWARGS = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _local_folder(path: str | Path) -> Path | None:
+    """``path`` made absolute (``~`` expanded), if it names something here; else ``None``."""
+    local = Path(path).expanduser()
+    return Path(os.path.abspath(local)) if local.exists() else None
+
+
 def _check_path(path: Any) -> Path | str:
-    """A local folder holding config.json, or a hub id (not looked up: that needs the network)."""
+    """A local folder holding config.json (absolute), or a hub id (not looked up: that needs
+    the network)."""
     if not isinstance(path, (str, Path)) or not str(path):
         raise ConfigTypeError(f"path must be a folder or a hub id (a string), got {path!r}")
-    local = Path(path).expanduser()
-    if local.exists():
+    local = _local_folder(path)
+    if local is not None:
         if not local.is_dir():
             raise ConfigError(
                 f"path {str(path)!r} is a file; give the folder save_pretrained wrote"
@@ -76,10 +89,20 @@ def _check_path(path: Any) -> Path | str:
         _check_no_custom_code(local / "config.json")
         return local
     text = str(path)
-    looks_local = isinstance(path, Path) or text.startswith(("/", ".", "~")) or "\\" in text
+    if os.path.isabs(text):  # a folder kd.convert recorded: never a hub id
+        raise ConfigError(f"path {text!r}: no such folder (an absolute path, not a hub id)")
+    looks_local = isinstance(path, Path) or text.startswith((".", "~")) or "\\" in text
     if looks_local or not _HUB_ID.match(text):
         raise ConfigError(f"path {text!r}: no such folder, and not a hub id ('owner/name')")
     return text
+
+
+def canonical_transformers_teacher(path: Any, **options: Any) -> dict[str, Any]:
+    """The loader's arguments as a checkpoint records them: ``path`` as an absolute folder when
+    it names one here (resolved against the current directory), so that ``kd.restore`` loads
+    the same folder from anywhere; a hub id, or a path naming nothing, as written."""
+    local = _local_folder(path) if isinstance(path, (str, Path)) and str(path) else None
+    return {"path": str(local) if local is not None else path, **options}
 
 
 def _check_no_custom_code(config_file: Path) -> None:
@@ -244,3 +267,4 @@ def load_transformers_teacher(
 
 
 load_transformers_teacher.validate = validate_transformers_teacher  # type: ignore[attr-defined]
+load_transformers_teacher.canonical = canonical_transformers_teacher  # type: ignore[attr-defined]
