@@ -258,39 +258,6 @@ class FakeClock:
         return self.now
 
 
-def test_progress_on_a_terminal_redraws_one_line_in_place() -> None:
-    import io
-
-    from kdcore.training.progress import Progress
-
-    screen, clock, said = io.StringIO(), FakeClock(), []
-    progress = Progress(
-        total=4, start=0, every=1, say=said.append, stream=screen, tty=True, clock=clock
-    )
-    for step in range(1, 5):
-        clock.now += 0.5
-        progress.update(step, {"loss": 1.0 / step}, examples=10)
-        if step == 2:
-            progress.note("checkpoint saved")
-    progress.close()
-    text = screen.getvalue()
-    assert said == []  # everything went to the terminal
-    assert text.count("\n") == 2  # after the note, and at the close
-    assert "\rstep 1/4 [####------------]  loss 1.0000  20 examples/s  ETA 0:00:02" in text
-    assert "\rcheckpoint saved" in text and "\rstep 4/4 [################]" in text
-
-
-def test_the_bar_is_cut_to_the_terminal_width() -> None:
-    import io
-
-    from kdcore.training.progress import Progress
-
-    screen = io.StringIO()
-    progress = Progress(total=2, start=0, every=1, say=print, stream=screen, tty=True, columns=30)
-    progress.update(2, {"loss": 1.0, "student_loss": 2.0}, examples=1)
-    assert screen.getvalue() == "\rstep 2/2 [################]  "  # 29 characters
-
-
 def test_progress_elsewhere_prints_every_n_steps_and_the_last() -> None:
     import io
 

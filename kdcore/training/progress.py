@@ -1,11 +1,16 @@
 """What ``kdcore distill`` shows while it trains: a progress bar, notes, and a final summary.
 
-On a terminal the bar is redrawn in place (``\\r``) at most ten times a second::
+On a terminal a tqdm bar is redrawn in place at most ten times a second::
 
-    step 120/600 [###-------------]  loss 0.41  student_loss 0.30  9,870 examples/s  ETA 0:00:03
+    step 120/600 [###     ]  loss 0.4100  student_loss 0.3000  9,870 examples/s  ETA 0:00:03
 
-Anywhere else (a log file, CI) the same fields come as plain lines every ``log_every`` steps and
-at the last step, so that logs stay readable. No dependency: tqdm is not needed for this.
+The line always fits the terminal (its width read at each redraw; ``COLUMNS`` overrides it): when
+it is too narrow, whole fields are left out, never cut, keeping them in this order of priority:
+``step N/total``, the ETA, examples/s, ``loss``, the other loss components in their order, and
+last the bar (shown only with room for at least :data:`BAR_MIN` characters). Anywhere else (a log
+file, CI) every field comes as a plain line every ``log_every`` steps and at the last step, so
+that logs stay readable. tqdm is imported only when a bar is drawn: ``import kdcore`` does not
+load it.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
-BAR_WIDTH = 16
+BAR_MIN = 10  # narrower, a bar says no more than "step N/total" does
+BAR_MAX = 30
 REDRAW_SECONDS = 0.1
+SEPARATOR = "  "
 
 
 def format_duration(seconds: float) -> str:
@@ -29,15 +36,15 @@ def format_duration(seconds: float) -> str:
 
 
 def format_losses(parts: dict[str, float]) -> str:
-    return "  ".join(f"{name} {value:.4f}" for name, value in parts.items())
+    return SEPARATOR.join(f"{name} {value:.4f}" for name, value in parts.items())
 
 
 class Progress:
     """Progress of steps ``start+1 .. total``: :meth:`update` after each step, :meth:`note`
     for a line of its own (a checkpoint saved), :meth:`close` at the end.
 
-    ``stream`` is written to directly when ``tty`` (in-place bar); otherwise lines go through
-    ``say`` every ``every`` steps. Example::
+    ``stream`` gets the bar when ``tty`` (default: whether it is a terminal); otherwise lines go
+    through ``say`` every ``every`` steps. ``columns`` fixes the terminal width. Example::
 
         progress = Progress(total=100, start=0, every=10, say=print)
         for step in range(1, 101):
@@ -61,12 +68,11 @@ class Progress:
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
         self.clock = clock
-        # A bar wider than the terminal would wrap, and \r would only go back to its last row.
-        self.columns = columns or shutil.get_terminal_size().columns
+        self.columns = columns
         self.began = clock()
         self.examples = 0
         self._drawn = 0.0  # when the bar was last drawn
-        self._width = 0  # characters of the bar on screen, to blank on redraw
+        self._bar: Any = None  # the tqdm bar, made at the first draw
 
     def rate(self) -> float:
         """Examples a second over this run so far."""
@@ -80,14 +86,32 @@ class Progress:
         return (self.clock() - self.began) / done * (self.total - step)
 
     def line(self, step: int, parts: dict[str, float]) -> str:
-        shown = format_losses(parts)
-        rate = f"{self.rate():,.0f} examples/s"
-        eta = f"ETA {format_duration(self.eta(step))}"
-        if self.tty:
-            filled = BAR_WIDTH * step // max(self.total, 1)
-            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-            return f"step {step}/{self.total} [{bar}]  {shown}  {rate}  {eta}"
-        return f"step {step}/{self.total}  {shown}  {rate}  {eta}"
+        """Every field, as a log line."""
+        return SEPARATOR.join(
+            [f"step {step}/{self.total}", format_losses(parts), *self._speed(step)]
+        )
+
+    def fitted(self, step: int, parts: dict[str, float], columns: int) -> str:
+        """The bar's line for a terminal ``columns`` wide, as a tqdm ``bar_format`` (with
+        ``{bar:N}`` where the bar goes). Fields are kept by priority while they fit."""
+        room = columns - 1  # writing the last column makes some terminals wrap the line
+        rate, eta = self._speed(step)
+        losses = [f"{name} {value:.4f}" for name, value in parts.items()]
+        head = f"step {step}/{self.total}"
+        width = len(head)
+        fields = [eta, rate, *losses]
+        kept: list[str] = []
+        for field in fields:
+            if width + len(SEPARATOR) + len(field) > room:
+                break
+            kept.append(field)
+            width += len(SEPARATOR) + len(field)
+        # On the line: the losses, then the speed, as in a log line.
+        tail = "".join(SEPARATOR + f for f in [*kept[2:], *kept[1:2], *kept[:1]])
+        bar = min(BAR_MAX, room - width - len(" []"))
+        if bar < BAR_MIN or len(kept) < len(fields):
+            return _literal(head + tail)
+        return f"{_literal(head)} [{{bar:{bar}}}]{_literal(tail)}"
 
     def update(self, step: int, parts: dict[str, float], *, examples: int) -> None:
         self.examples += examples
@@ -98,30 +122,40 @@ class Progress:
             return
         now = self.clock()
         if last or now - self._drawn >= REDRAW_SECONDS:
-            self._draw(self.line(step, parts)[: self.columns - 1])
+            self._draw(step, parts)
             self._drawn = now
 
     def note(self, text: str) -> None:
-        """A line of its own; on a terminal it replaces the bar, which the next update redraws."""
-        if self.tty and self._width:
-            self._draw(text)
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+        """A line of its own; on a terminal it goes above the bar."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
             return
         self.say(text)
 
     def close(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+        if self._bar is not None:
+            self._bar.close()  # leaves the last line on the screen
+            self._bar = None
 
-    def _draw(self, text: str) -> None:
-        pad = " " * max(0, self._width - len(text))
-        self.stream.write(f"\r{text}{pad}")
-        self.stream.flush()
-        self._width = len(text)
+    def _speed(self, step: int) -> tuple[str, str]:
+        return f"{self.rate():,.0f} examples/s", f"ETA {format_duration(self.eta(step))}"
+
+    def _draw(self, step: int, parts: dict[str, float]) -> None:
+        columns = self.columns or shutil.get_terminal_size().columns
+        text = self.fitted(step, parts, columns)
+        if self._bar is None:
+            from tqdm import tqdm
+
+            # tqdm draws the bar as it makes it, then formats and redraws ours (which fits).
+            self._bar = tqdm(total=self.total, initial=step, file=self.stream, bar_format=text)
+            return
+        self._bar.bar_format, self._bar.n = text, step
+        self._bar.refresh()
+
+
+def _literal(text: str) -> str:
+    """``text`` as a literal part of a tqdm ``bar_format`` (a ``str.format`` template)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def summary(
@@ -132,13 +166,19 @@ def summary(
     first: dict[str, float] | None,
     last: dict[str, float] | None,
     validation: list[tuple[int, float]],
+    resumed_at: int | None = None,
 ) -> list[str]:
-    """The lines printed when training ends: time, each loss from first to last step of this
-    run, and the validation accuracy (with its best step)."""
-    lines = [
-        f"done: {steps} steps in {format_duration(seconds)} ({seconds:.1f} s), "
-        f"{examples_per_second:,.0f} examples/s"
-    ]
+    """The lines printed when training ends: time, each loss from the first to the last step,
+    and the validation accuracy (with its best step). After a resume (``resumed_at``), ``first``
+    and ``validation`` cover the whole run; time and speed are those of the resumed part."""
+    speed = (
+        f"in {format_duration(seconds)} ({seconds:.1f} s), {examples_per_second:,.0f} examples/s"
+    )
+    if resumed_at is None:
+        lines = [f"done: {steps} steps {speed}"]
+    else:
+        since = f"the {steps - resumed_at} since resuming at step {resumed_at}"
+        lines = [f"done: {steps} steps; {since} {speed}"]
     if first and last:
         width = max(len(name) for name in last)
         for name, value in last.items():
