@@ -513,15 +513,29 @@ def _add_distill_command(subparsers: Any) -> None:
             "factories ('module:callable'), optimizer, learning_rate, epochs or steps, "
             "batch_size (the global batch), device, precision, grad_accumulation, output, "
             "checkpoint_every, log_every, eval_every, seed, strategy. Writes checkpoints, "
-            "metrics.jsonl, the exported student and metrics.png (with matplotlib) to output. "
+            "metrics.jsonl, the exported student and metrics.png (with matplotlib) to output, "
+            "which must be empty or new unless --resume or --overwrite. "
             "Under 'torchrun --nproc_per_node=N -m kdcore distill CONFIG' it trains "
             "data-parallel (strategy ddp or fsdp2). Without CONFIG, run the embedded demo "
             "(no download)."
         ),
     )
     parser.add_argument("config", nargs="?", help="the job file (.toml, .json, .yaml)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue from a checkpoint (step-N) this command saved, with the same job file",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the job even though its output folder holds files (an earlier run's)",
+    )
     parser.add_argument(
-        "--resume", metavar="PATH", help="continue from a checkpoint this command saved"
+        "--force",
+        action="store_true",
+        help="with --resume: resume although the job file changed since the checkpoint",
     )
     parser.add_argument(
         "--quick", action="store_true", help="demo only: a few training steps (a smoke test)"
@@ -531,9 +545,10 @@ def _add_distill_command(subparsers: Any) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     if args.config is None:
-        if args.resume is not None:
-            print(f"{PROG} distill: error: --resume needs the job's CONFIG", file=sys.stderr)
-            return 2
+        for given, option in [(args.resume, "--resume"), (args.overwrite, "--overwrite")]:
+            if given:
+                print(f"{PROG} distill: error: {option} needs the job's CONFIG", file=sys.stderr)
+                return 2
         from kdcore.training.demo import run_demo
 
         if args.quick:
@@ -541,16 +556,26 @@ def _run_distill(args: argparse.Namespace) -> int:
         else:
             run_demo()
         return 0
+    if args.quick:
+        print(
+            f"{PROG} distill: error: --quick shortens the demo only; for a short run of "
+            f"{args.config}, lower its [train] steps",
+            file=sys.stderr,
+        )
+        return 2
     from kdcore.training import load_job, train
 
     _import_from_current_folder()
     modes, config = load_job(args.config)  # everything checked before anything is built
+    if args.resume is None and not args.overwrite:
+        _refuse_an_earlier_run(args.config, Path(config.output))
     output = Path(config.output)
     fresh = not output.exists()
     resumed = () if args.resume is None else (args.resume, str(Path(args.resume)))
     try:
         with _errors_from(args.config, *resumed):
-            train(modes, config, resume=args.resume)  # progress, summary and plot: rank 0 only
+            # progress, summary and plot: rank 0 only
+            train(modes, config, resume=args.resume, force=args.force)
     except KeyboardInterrupt:
         print(f"{PROG} distill: interrupted", file=sys.stderr)
         return 130
@@ -605,6 +630,23 @@ def _run_new_plugin(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"next: pip install -e {package} && python -m pytest {package / 'tests'}")
     return 0
+
+
+def _refuse_an_earlier_run(job: str, output: Path) -> None:
+    """A job's output folder holding files is an earlier run's, which a new run would mix with."""
+    from kdcore.errors import ConfigError
+    from kdcore.training.resume import latest_checkpoint
+
+    held = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if not held:
+        return
+    shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    latest = latest_checkpoint(output)
+    resume = f"--resume {latest} to continue that run, " if latest is not None else ""
+    raise ConfigError(
+        f"{job}: train.output {output} already holds {shown}; pass {resume}--overwrite to write "
+        "over it, or give another train.output"
+    )
 
 
 COMMANDS: list[Callable[[Any], None]] = [

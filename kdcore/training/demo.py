@@ -99,7 +99,7 @@ def run_demo(
                 seed=seed,
             )
 
-        quiet = dict(log=None)
+        quiet: dict[str, Any] = dict(log=None)
         teacher = train(
             [],
             config("teacher", teacher_steps, 0),

@@ -13,16 +13,16 @@ The loss is ``model.compute_kd_loss(student_loss=..., return_terms=True)``'s: th
 total, or without a balancer the single KD loss (``student_loss`` is then logged, not trained).
 
 A checkpoint is ``<output>/step-<N>.safetensors`` (``kd.save`` with the optimizer; under
-FSDP2 a ``step-<N>`` torch-dcp folder) plus ``step-<N>.json`` next to it: the step counter and
-the CPU RNG state, as plain JSON. Every step's losses and every validation accuracy go to
-``<output>/metrics.jsonl`` (:mod:`kdcore.training.metrics`), drawn into ``metrics.png`` at the
-end when matplotlib is installed.
+FSDP2 a ``step-<N>`` torch-dcp folder) plus ``step-<N>.json`` next to it: the step counter,
+the CPU RNG state and the job, as plain JSON (:mod:`kdcore.training.resume`). Every step's
+losses and every validation accuracy go to ``<output>/metrics.jsonl``
+(:mod:`kdcore.training.metrics`), drawn into ``metrics.png`` at the end when matplotlib is
+installed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcore import ConfigError, ConfigTypeError
+from kdcore import CheckpointMismatchError, ConfigError, ConfigTypeError
 from kdcore.plugin import gather_fsdp2, is_distillation_model
 from kdcore.training.config import EVALUATIONS, TrainConfig
 from kdcore.training.distributed import (
@@ -53,9 +53,11 @@ from kdcore.training.metrics import (
     PLOT_NAME,
     VALIDATION_KEY,
     MetricsFile,
+    losses_of,
     plot_metrics,
 )
 from kdcore.training.progress import Progress, summary
+from kdcore.training.resume import check_job, job_record, read_state, write_state
 
 IGNORE_LABEL = -1
 STUDENT_LOSS = "student_loss"
@@ -80,10 +82,6 @@ class TrainResult:
     world_size: int = 1
 
 
-def state_path(checkpoint: Path) -> Path:
-    return checkpoint.with_suffix(".json")
-
-
 def train(
     modes: list[tuple[str, Any]],
     config: TrainConfig,
@@ -95,6 +93,7 @@ def train(
     log: Callable[[str], None] | None = print,
     save: bool = True,
     stream: TextIO | None = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train ``student()`` distilled with ``modes`` (plain supervised training when empty).
 
@@ -103,13 +102,17 @@ def train(
     saves a checkpoint of the last finished step, then propagates. With ``save``, writes
     ``<output>/metrics.jsonl``, checkpoints, the exported student and the plot.
 
+    ``resume`` continues from a checkpoint that :func:`train` saved, refusing one saved with
+    other settings (see :mod:`kdcore.training.resume`) unless ``force``, and one past the
+    job's last step.
+
     Progress goes to ``log``; when ``log`` is ``print`` and ``stream`` (default stdout) is a
     terminal, as a bar redrawn in place. Under torchrun (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``
     set) the job runs data-parallel as ``config.strategy`` says (see
     :mod:`kdcore.training.distributed`); only rank 0 logs and writes single-writer files.
     """
     with launch(config.strategy, config.device) as job:
-        return _train(job, modes, config, student, data, resume, on_step, log, save, stream)
+        return _train(job, modes, config, student, data, resume, on_step, log, save, stream, force)
 
 
 def _train(
@@ -123,6 +126,7 @@ def _train(
     log: Callable[[str], None] | None,
     save: bool,
     stream: TextIO | None,
+    force: bool,
 ) -> TrainResult:
     import kdcore as kd
 
@@ -138,6 +142,12 @@ def _train(
     fsdp = job.strategy == "fsdp2"
     if fsdp and save and job.world_size > 1:
         _require_numpy_for_dcp()
+    record = job_record(modes, config)
+    if resume is not None:  # checked before anything is built
+        resume = Path(resume)
+        saved = read_state(resume)
+        for change in check_job(resume, saved.job, record, force):
+            say(f"resuming with a changed setting (--force): {change}")
 
     torch.manual_seed(config.seed)
     built = make_student()
@@ -156,11 +166,15 @@ def _train(
 
     step = 0
     if resume is not None:
-        resume = Path(resume)
-        kd.restore(model, resume, optimizer=optimizer)  # shards the state for FSDP2
-        saved = json.loads(state_path(resume).read_text(encoding="utf-8"))
-        step = int(saved["step"])
-        torch.set_rng_state(torch.tensor(saved["rng"], dtype=torch.uint8))
+        try:
+            kd.restore(model, resume, optimizer=optimizer)  # shards the state for FSDP2
+        except CheckpointMismatchError as exc:
+            raise ConfigError(
+                f"--resume {resume}: the checkpoint does not fit this job's model (saved by "
+                "another job?); resume from a checkpoint this job saved"
+            ) from exc
+        step = saved.step
+        torch.set_rng_state(torch.tensor(saved.rng, dtype=torch.uint8))
         say(f"resumed from {resume} at step {step}")
     forward = model if fsdp else wrap(model, job, device)  # DDP around the model
 
@@ -169,6 +183,12 @@ def _train(
         total = config.steps
     else:
         total = max(1, (config.epochs or 1) * batches_per_epoch // config.grad_accumulation)
+    if step > total:
+        length = "train.steps" if config.steps is not None else "train.epochs"
+        raise ConfigError(
+            f"--resume {resume}: the checkpoint is at step {step}, past the job's {total} steps; "
+            f"to continue the run, raise {length} (to more than {step} steps)"
+        )
     eval_every = config.eval_every
     if eval_every is None:
         eval_every = max(1, total // EVALUATIONS)
@@ -177,8 +197,11 @@ def _train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
     metrics = None
+    resumed_at = step if resume is not None else None
+    history: list[dict[str, Any]] = []  # the metrics of the steps before resumed_at
     if save and job.main:
-        metrics = MetricsFile(output / METRICS_NAME, resume_at=step if resume else None)
+        metrics = MetricsFile(output / METRICS_NAME, resume_at=resumed_at)
+        history = metrics.history
     progress = Progress(
         total=total,
         start=step,
@@ -229,18 +252,20 @@ def _train(
             if validation is not None and due:
                 points.append(_validate(model, validation, config, device, step, metrics))
             if save and config.checkpoint_every and step % config.checkpoint_every == 0:
-                checkpoint = _checkpoint(model, optimizer, output, step, rng, job, progress.note)
+                checkpoint = _checkpoint(
+                    model, optimizer, output, step, rng, job, record, progress.note
+                )
                 checkpoint_step = step
     except KeyboardInterrupt:
         progress.close()
         # The last finished step (a half-accumulated step is dropped). FSDP2's save is
         # collective and the other ranks may be gone: only DDP and one process save here.
         if save and not fsdp:
-            _checkpoint(model, optimizer, output, step, rng, job, say, interrupted=True)
+            _checkpoint(model, optimizer, output, step, rng, job, record, say, interrupted=True)
         raise
 
     if save and checkpoint_step != step:
-        checkpoint = _checkpoint(model, optimizer, output, step, rng, job, progress.note)
+        checkpoint = _checkpoint(model, optimizer, output, step, rng, job, record, progress.note)
     if validation is not None and (not points or points[-1][0] != step):
         points.append(_validate(model, validation, config, device, step, metrics))
     progress.close()
@@ -255,13 +280,16 @@ def _train(
         student_path = kd.save(exported, output / "student.safetensors")
         say(f"exported student saved to {student_path}")
     seconds = time.perf_counter() - start
-    for line in summary(
+    first_step = next((r for r in history if VALIDATION_KEY not in r), None)
+    for line in summary(  # of the whole run, also when it was resumed
         steps=step,
         seconds=seconds,
         examples_per_second=progress.rate(),
-        first=first,
+        first=losses_of(first_step) if first_step is not None else first,
         last=parts,
-        validation=points,
+        validation=[(r["step"], r[VALIDATION_KEY]) for r in history if VALIDATION_KEY in r]
+        + points,
+        resumed_at=resumed_at,
     ):
         say(line)
     if metrics is not None:
@@ -367,12 +395,14 @@ def _checkpoint(
     step: int,
     rng: torch.Tensor,
     job: Launch,
+    record: dict[str, Any] | None,
     say: Callable[[str], None],
     *,
     interrupted: bool = False,
 ) -> Path:
     """``step-<N>.safetensors`` written by rank 0 (one process, DDP), or the ``step-<N>``
-    torch-dcp folder every rank writes its shards into (FSDP2); then ``step-<N>.json``."""
+    torch-dcp folder every rank writes its shards into (FSDP2); then ``step-<N>.json`` with
+    the job ``record``."""
     import kdcore as kd
 
     if job.strategy == "fsdp2":
@@ -383,8 +413,7 @@ def _checkpoint(
             output.mkdir(parents=True, exist_ok=True)
             kd.save(model, path, optimizer=optimizer)
     if job.main:
-        state = {"step": step, "rng": rng.tolist(), "world_size": job.world_size}
-        state_path(path).write_text(json.dumps(state), encoding="utf-8")
+        write_state(path, step, rng.tolist(), job.world_size, record)
         why = "interrupted; " if interrupted else ""
         say(f"{why}checkpoint saved to {path} (resume with --resume {path})")
     if not interrupted:  # the other ranks wait, so that nobody reads a half-written one

@@ -23,16 +23,16 @@ NOT_A_LOSS = frozenset({"step", "examples", VALIDATION_KEY})
 
 
 class MetricsFile:
-    """Appends records to ``path``; ``resume_at`` keeps the history up to that step only."""
+    """Appends records to ``path``; ``resume_at`` keeps the history up to that step only (the
+    records kept are :attr:`history`)."""
 
     def __init__(self, path: Path, *, resume_at: int | None = None) -> None:
         self.path = path
+        self.history: list[dict[str, Any]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_at is None:
-            path.write_text("", encoding="utf-8")
-        else:
-            kept = [r for r in read_metrics(path) if r["step"] <= resume_at]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        if resume_at is not None:
+            self.history = [r for r in read_metrics(path) if r["step"] <= resume_at]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         # Opened per record: a run killed at any point leaves every finished line on disk.
@@ -46,6 +46,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def losses_of(record: dict[str, Any]) -> dict[str, float]:
+    """The loss components of a step's record."""
+    return {name: value for name, value in record.items() if name not in NOT_A_LOSS}
 
 
 def plot_metrics(metrics: str | Path, png: str | Path) -> Path | None:
@@ -63,7 +68,7 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path | None:
     records = read_metrics(metrics)
     steps = [r for r in records if VALIDATION_KEY not in r]
     validation = [r for r in records if VALIDATION_KEY in r]
-    names = [k for k in (steps[0] if steps else {}) if k not in NOT_A_LOSS]
+    names = list(losses_of(steps[0] if steps else {}))
 
     figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in names:
