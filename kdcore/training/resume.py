@@ -4,7 +4,8 @@ Next to each checkpoint ``step-<N>.safetensors`` (a ``step-<N>`` folder under FS
 writes ``step-<N>.json``: the step, the CPU RNG state, the number of processes and the job as
 it ran (``"job"``: the ``[train]`` table with its defaults filled in, and the mode tables as
 written). Resuming compares that job with the current one and refuses any change but those of
-:data:`MAY_CHANGE` (a run can be extended, or logged and checkpointed differently) unless
+:data:`MAY_CHANGE` (a run can be extended, logged and checkpointed differently, or continued
+in another folder) unless
 forced, so that a resumed run is the run it continues.
 """
 
@@ -21,10 +22,11 @@ import attrs
 from kdcore import ConfigError
 from kdcore.training.config import TRAIN_TABLE, TrainConfig
 
-#: Settings that may differ between a checkpoint's job and the job resuming it.
+#: Settings that may differ between a checkpoint's job and the job resuming it: how long the
+#: run goes on, and what it logs and writes where, but not what it trains.
 MAY_CHANGE = frozenset(
     f"{TRAIN_TABLE}.{name}"
-    for name in ("steps", "epochs", "log_every", "checkpoint_every", "eval_every")
+    for name in ("steps", "epochs", "log_every", "checkpoint_every", "eval_every", "output")
 )
 CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
