@@ -563,6 +563,9 @@ def _run_distill(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.force and args.resume is None:
+        print(f"{PROG} distill: error: --force goes with --resume PATH", file=sys.stderr)
+        return 2
     from kdcore.training import load_job, train
 
     _import_from_current_folder()

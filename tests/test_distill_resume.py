@@ -192,3 +192,10 @@ def test_the_summary_after_a_resume_covers_the_whole_run(
     assert any(
         line.startswith("done: 6 steps; the 3 since resuming at step 3 in ") for line in resumed
     )
+
+
+def test_force_without_resume_is_a_usage_error(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = refused(["distill", str(run), "--force"], capsys, status=2)
+    assert err == "kdcore distill: error: --force goes with --resume PATH\n"

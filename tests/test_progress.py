@@ -24,7 +24,8 @@ class Terminal(io.StringIO):
         return True
 
     def lines(self) -> list[str]:
-        return [line for line in re.split(r"[\r\n]", self.getvalue()) if line.strip()]
+        """What each redraw shows (tqdm pads a shorter line with blanks over the longer one)."""
+        return [line.rstrip() for line in re.split(r"[\r\n]", self.getvalue()) if line.strip()]
 
 
 class FakeClock:
@@ -38,8 +39,9 @@ class FakeClock:
 def drawn(columns: int, parts: dict[str, float] = LOSSES) -> str:
     """The line drawn at step 120 of 600, 2 s in, 64 examples a step, ``columns`` wide."""
     screen, clock = Terminal(), FakeClock()
-    progress = Progress(total=600, start=0, every=1, say=print, stream=screen, clock=clock)
-    progress.columns = columns
+    progress = Progress(
+        total=600, start=0, every=1, say=print, stream=screen, clock=clock, columns=columns
+    )
     for step in range(1, 120):  # too fast to be drawn
         progress.update(step, parts, examples=64)
     clock.now = 2.0
@@ -95,8 +97,9 @@ def test_a_narrow_terminal_leaves_out_whole_fields_by_priority(columns: int) -> 
 
 def test_a_note_goes_above_the_bar_which_stays_on_screen() -> None:
     screen, clock = Terminal(), FakeClock()
-    progress = Progress(total=4, start=0, every=1, say=print, stream=screen, clock=clock)
-    progress.columns = 100
+    progress = Progress(
+        total=4, start=0, every=1, say=print, stream=screen, clock=clock, columns=100
+    )
     for step in range(1, 5):
         clock.now += 0.5
         progress.update(step, {"loss": 1.0 / step}, examples=10)
