@@ -173,6 +173,12 @@ def test_quick_is_for_the_demo_only(run: Path, capsys: pytest.CaptureFixture[str
     )
 
 
+def summary(lines: list[str]) -> list[str]:
+    """The summary's lines after ``done:``: three losses from step 1 to 6, the accuracy."""
+    done = next(i for i, line in enumerate(lines) if line.startswith("done: "))
+    return lines[done + 1 : done + 5]
+
+
 def test_the_summary_after_a_resume_covers_the_whole_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -182,11 +188,6 @@ def test_the_summary_after_a_resume_covers_the_whole_run(
     checkpoint = tmp_path / "job-out" / "step-3.safetensors"
     assert cli.main(["distill", str(job), "--resume", str(checkpoint)]) == 0
     resumed = capsys.readouterr().out.splitlines()
-
-    def summary(lines: list[str]) -> list[str]:
-        done = next(i for i, line in enumerate(lines) if line.startswith("done: "))
-        return lines[done + 1 : done + 5]  # three losses from step 1 to 6, the accuracy
-
     assert summary(resumed) == summary(straight)
     assert "validation accuracy" in summary(resumed)[-1]
     assert any(
@@ -199,3 +200,18 @@ def test_force_without_resume_is_a_usage_error(
 ) -> None:
     err = refused(["distill", str(run), "--force"], capsys, status=2)
     assert err == "kdcore distill: error: --force goes with --resume PATH\n"
+
+
+def test_a_run_resumed_into_another_folder_keeps_its_history_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, steps=6, every=3)
+    assert cli.main(["distill", str(job)]) == 0
+    straight = capsys.readouterr().out.splitlines()
+    job.write_text(job.read_text().replace("job-out", "elsewhere"))
+    checkpoint = tmp_path / "job-out" / "step-3.safetensors"
+    assert cli.main(["distill", str(job), "--resume", str(checkpoint)]) == 0
+    resumed = capsys.readouterr().out.splitlines()
+    assert summary(resumed) == summary(straight)
+    first = (tmp_path / "job-out" / "metrics.jsonl").read_text()
+    assert (tmp_path / "elsewhere" / "metrics.jsonl").read_text() == first

@@ -200,7 +200,8 @@ def _train(
     resumed_at = step if resume is not None else None
     history: list[dict[str, Any]] = []  # the metrics of the steps before resumed_at
     if save and job.main:
-        metrics = MetricsFile(output / METRICS_NAME, resume_at=resumed_at)
+        earlier = resume.parent / METRICS_NAME if resume is not None else None
+        metrics = MetricsFile(output / METRICS_NAME, resume_at=resumed_at, history_from=earlier)
         history = metrics.history
     progress = Progress(
         total=total,

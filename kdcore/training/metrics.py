@@ -6,8 +6,9 @@ Two kinds of line, both with ``"step"``::
     {"step": 20, "validation_accuracy": 0.875}
 
 Losses are those of the whole (global) batch, whatever the number of processes. A resumed run
-first drops the lines after its starting step, so the file always tells one uninterrupted
-history. :func:`plot_metrics` draws it with matplotlib (the ``kdcore[plot]`` extra).
+first drops the lines after its starting step (in another folder, it starts from the lines of
+the checkpoint's folder), so the file always tells one uninterrupted history.
+:func:`plot_metrics` draws it with matplotlib (the ``kdcore[plot]`` extra).
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ NOT_A_LOSS = frozenset({"step", "examples", VALIDATION_KEY})
 
 class MetricsFile:
     """Appends records to ``path``; ``resume_at`` keeps the history up to that step only (the
-    records kept are :attr:`history`)."""
+    records kept are :attr:`history`), read from ``history_from`` when ``path`` does not exist
+    yet (a run resumed into another folder)."""
 
-    def __init__(self, path: Path, *, resume_at: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, resume_at: int | None = None, history_from: Path | None = None
+    ) -> None:
         self.path = path
         self.history: list[dict[str, Any]] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_at is not None:
-            self.history = [r for r in read_metrics(path) if r["step"] <= resume_at]
+            source = path if path.exists() or history_from is None else history_from
+            self.history = [r for r in read_metrics(source) if r["step"] <= resume_at]
         path.write_text("".join(json.dumps(r) + "\n" for r in self.history), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
