@@ -545,7 +545,11 @@ def _add_distill_command(subparsers: Any) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     if args.config is None:
-        for given, option in [(args.resume, "--resume"), (args.overwrite, "--overwrite")]:
+        for given, option in [
+            (args.resume, "--resume"),
+            (args.overwrite, "--overwrite"),
+            (args.force, "--force"),
+        ]:
             if given:
                 print(f"{PROG} distill: error: {option} needs the job's CONFIG", file=sys.stderr)
                 return 2

@@ -215,3 +215,11 @@ def test_a_run_resumed_into_another_folder_keeps_its_history_there(
     assert summary(resumed) == summary(straight)
     first = (tmp_path / "job-out" / "metrics.jsonl").read_text()
     assert (tmp_path / "elsewhere" / "metrics.jsonl").read_text() == first
+
+
+@pytest.mark.parametrize("option", ["--overwrite", "--force"])
+def test_job_options_without_a_job_are_usage_errors(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["distill", option]) == 2
+    assert capsys.readouterr().err == f"kdcore distill: error: {option} needs the job's CONFIG\n"
