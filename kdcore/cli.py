@@ -392,13 +392,15 @@ def _dummy_inputs(student: Any) -> Any:
 @contextlib.contextmanager
 def _errors_from(config: str, *others: str) -> Iterator[None]:
     """Errors about the config's values start with the config file, as ``load_job``'s do; those
-    that name another file already (``others``: a checkpoint) are left as they are."""
+    that name another file already (``others``: a checkpoint) or the ``--resume`` option are
+    left as they are."""
     from kdcore.errors import ConfigError, UnknownNameError
 
     try:
         yield
     except (ConfigError, UnknownNameError) as exc:
-        if not str(exc).startswith(tuple(f"{source}: " for source in (config, *others))):
+        named = (*(f"{source}: " for source in (config, *others)), "--resume ")
+        if not str(exc).startswith(named):
             exc.args = (f"{config}: {exc.args[0]}", *exc.args[1:])
         raise
 
