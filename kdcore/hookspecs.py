@@ -71,3 +71,12 @@ def kdcore_register_modes(registry: Registry) -> None:
     :param registry: ``registry.add(name, mode)`` with an object implementing
         :class:`~kdcore.modes.Mode`; ``kd.convert(model, [(name, config)])`` applies it.
     """
+
+
+@hookspec
+def kdcore_register_loggers(registry: Registry) -> None:
+    """Register run loggers (``[train] loggers`` of a ``kdcore distill`` job).
+
+    ``registry.add(name, cls)``: a class built with the logger's options from the job file,
+    following :class:`kdcore.plugin.RunLogger`.
+    """

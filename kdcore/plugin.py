@@ -35,7 +35,7 @@ from kdcore.checkpoint import (
     open_regular,
 )
 from kdcore.config_files import read_config_file
-from kdcore.converter import structure
+from kdcore.converter import instantiate, structure
 from kdcore.errors import did_you_mean, shown
 from kdcore.hookspecs import hookimpl
 from kdcore.model import DistillationState, gather_fsdp2, is_distillation_model
@@ -45,6 +45,7 @@ from kdcore.plugin_manager import PluginWarning
 from kdcore.record import ModeRecord, record_distillation
 from kdcore.references import UntrustedReferenceError, reference_of, resolve, teacher_factory
 from kdcore.registry import Provider, Registry
+from kdcore.run_logger import RunLogger
 from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "PluginWarning",
     "Provider",
     "Registry",
+    "RunLogger",
     "TensorInfo",
     "UntrustedReferenceError",
     "atomic_write",
@@ -74,6 +76,7 @@ __all__ = [
     "gather_fsdp2",
     "hookimpl",
     "inspect_checkpoint",
+    "instantiate",
     "is_distillation_model",
     "no_duplicate_keys",
     "open_regular",

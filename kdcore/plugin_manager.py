@@ -43,6 +43,7 @@ class Registries:
     teacher_loaders: Registry[Any] = attrs.field(factory=lambda: Registry("teacher loader"))
     checkpoint_backends: Registry[Any] = attrs.field(factory=lambda: Registry("checkpoint backend"))
     modes: Registry[Any] = attrs.field(factory=lambda: Registry("mode"))
+    loggers: Registry[Any] = attrs.field(factory=lambda: Registry("logger"))
 
     def by_hook(self) -> list[tuple[str, Registry[Any]]]:
         """(hook name, registry) in the order the hooks are called."""
@@ -52,6 +53,7 @@ class Registries:
             ("kdcore_register_teacher_loaders", self.teacher_loaders),
             ("kdcore_register_checkpoint_backends", self.checkpoint_backends),
             ("kdcore_register_modes", self.modes),
+            ("kdcore_register_loggers", self.loggers),
         ]
 
 

@@ -91,6 +91,7 @@ def test_plugins_json_lists_every_registry_with_providers(
         "teacher_loaders",
         "checkpoint_backends",
         "modes",
+        "loggers",
     }
     logits = next(e for e in report["registries"]["criteria"] if e["name"] == "logits")
     assert logits == {

@@ -288,7 +288,16 @@ def test_metrics_file_holds_every_step_and_each_evaluation(tmp_path: Path) -> No
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in steps] == result.losses
-    assert set(steps[0]) == {"step", "loss", "student_loss", "LogitsDistillationLoss_0", "examples"}
+    assert set(steps[0]) == {
+        "step",
+        "loss",
+        "student_loss",
+        "LogitsDistillationLoss_0",
+        "lr",
+        "examples",
+        "examples_per_second",
+    }
+    assert steps[0]["lr"] == config.learning_rate and steps[0]["examples_per_second"] > 0
     assert [(r["step"], r["validation_accuracy"]) for r in records if "loss" not in r] == [
         (4, result.validation[0][1]),
         (6, result.validation_accuracy),

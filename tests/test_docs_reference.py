@@ -4,9 +4,11 @@ snippet checker cleans up after itself."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +43,14 @@ def fenced_after(page: str, marker: str) -> list[str]:
 def type_cell(kind: Any) -> str:
     if typing.get_origin(kind) is typing.Literal:
         return ", ".join(f'`"{choice}"`' for choice in typing.get_args(kind))
-    optional = [arg for arg in typing.get_args(kind) if arg is not type(None)]
-    return f"`{(optional[0] if optional else kind).__name__}`"
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: X, not set
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    return f"`{(typing.get_origin(kind) or kind).__name__}`"
 
 
 def default_cell(default: Any) -> str:
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        return f"`{json.dumps(default.factory())}`"  # a list, as TOML writes it
     if default is attrs.NOTHING:
         return "required"
     if default is None:

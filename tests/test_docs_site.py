@@ -39,6 +39,7 @@ def pages() -> dict[str, str]:
         ("catalog/balancers.md", "balancers"),
         ("catalog/teacher-loaders.md", "teacher_loaders"),
         ("catalog/checkpoint-backends.md", "checkpoint_backends"),
+        ("catalog/loggers.md", "loggers"),
         ("catalog/modes.md", "modes"),
     ],
 )

@@ -40,6 +40,12 @@ KINDS = {
         'A backend writes and reads checkpoints: `kd.save(model, path, backend="<name>")`; '
         "`kd.restore` finds the backend by the file's content.",
     ),
+    "catalog/loggers.md": (
+        "loggers",
+        "Run loggers",
+        'A logger gets the records of a `kdcore distill` run: `[train] loggers = ["<name>", '
+        '{ name = "<name>", ... }]`; see [logging a run](../configs.md#logging-a-run).',
+    ),
     "catalog/modes.md": (
         "modes",
         "Modes",

@@ -66,6 +66,9 @@ class TrainConfig:
     #: How a job launched by torchrun shares the work: "ddp" (replicas) or "fsdp2" (sharded
     #: student and teacher). Ignored in a single process.
     strategy: Literal["ddp", "fsdp2"] = "ddp"
+    #: Where the records of each step and evaluation go: logger plugins, each a name or
+    #: ``{name = "...", ...options}`` (``jsonl``: ``metrics.jsonl``; ``csv``; ``tensorboard``).
+    loggers: list[Any] = attrs.field(factory=lambda: ["jsonl"])
 
 
 def structure_train(data: Any, *, path: str = TRAIN_TABLE) -> TrainConfig:
@@ -96,6 +99,21 @@ def check_train(config: TrainConfig, *, path: str = TRAIN_TABLE) -> None:
     for name in ("student", "data"):
         if ":" not in getattr(config, name):
             raise ConfigError("expected 'module:callable'", path=f"{path}.{name}")
+    _check_loggers(config.loggers, path=f"{path}.loggers")
+
+
+def _check_loggers(loggers: list[Any], *, path: str) -> None:
+    """Each entry names a registered logger with options it takes (built, not opened)."""
+    from kdcore.training.metrics import build_loggers
+
+    for index, spec in enumerate(loggers):
+        is_reference = isinstance(spec, dict) and isinstance(spec.get("name"), str)
+        if not isinstance(spec, str) and not is_reference:
+            raise ConfigError(
+                f'expected a logger name or {{name = "...", ...}}, got {spec!r}',
+                path=f"{path}[{index}]",
+            )
+    build_loggers(loggers, path=path)
 
 
 def load_job(

@@ -52,9 +52,11 @@ from kdcore.training.metrics import (
     METRICS_NAME,
     PLOT_NAME,
     VALIDATION_KEY,
-    MetricsFile,
+    RunRecords,
     losses_of,
+    open_loggers,
     plot_metrics,
+    read_history,
 )
 from kdcore.training.progress import Progress, summary
 from kdcore.training.resume import check_job, job_record, read_state, write_state
@@ -111,12 +113,15 @@ def train(
     set) the job runs data-parallel as ``config.strategy`` says (see
     :mod:`kdcore.training.distributed`); only rank 0 logs and writes single-writer files.
     """
-    with launch(config.strategy, config.device) as job:
-        return _train(job, modes, config, student, data, resume, on_step, log, save, stream, force)
+    with launch(config.strategy, config.device) as job, contextlib.ExitStack() as cleanup:
+        return _train(
+            job, cleanup, modes, config, student, data, resume, on_step, log, save, stream, force
+        )
 
 
 def _train(
     job: Launch,
+    cleanup: contextlib.ExitStack,
     modes: list[tuple[str, Any]],
     config: TrainConfig,
     student: Callable[[], nn.Module] | None,
@@ -196,13 +201,14 @@ def _train(
     batches = _batches(train_data, config, micro, batches_per_epoch)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
-    metrics = None
     resumed_at = step if resume is not None else None
-    history: list[dict[str, Any]] = []  # the metrics of the steps before resumed_at
-    if save and job.main:
-        earlier = resume.parent / METRICS_NAME if resume is not None else None
-        metrics = MetricsFile(output / METRICS_NAME, resume_at=resumed_at, history_from=earlier)
-        history = metrics.history
+    records = RunRecords(
+        open_loggers(config.loggers, output, resume_at=resumed_at, resumed_from=resume)
+        if save and job.main
+        else [],
+        history=read_history(resume, resumed_at),
+    )
+    cleanup.callback(records.close)  # also when the run fails
     progress = Progress(
         total=total,
         start=step,
@@ -213,11 +219,11 @@ def _train(
     )
     losses: list[float] = []
     points: list[tuple[int, float]] = []
-    first: dict[str, float] | None = None
     parts: dict[str, float] | None = None
     checkpoint: Path | None = None
     checkpoint_step = -1
     rng = torch.get_rng_state()  # as of the last finished step: what a checkpoint stores
+    step_started = time.perf_counter()
     try:
         while step < total:
             forward.train()
@@ -242,16 +248,24 @@ def _train(
             step += 1
             rng = torch.get_rng_state()
             parts = dict(zip(sums, all_reduce_sum(list(sums.values()), job), strict=True))
-            first = first or parts
             losses.append(parts["loss"])
-            if metrics is not None:
-                metrics.write({"step": step, **parts, "examples": examples})
+            now = time.perf_counter()
+            records.log(
+                {
+                    "step": step,
+                    **parts,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "examples": examples,
+                    "examples_per_second": examples / max(now - step_started, 1e-9),
+                }
+            )
+            step_started = now
             if on_step is not None:
                 on_step(step, parts)
             progress.update(step, parts, examples=examples)
             due = step == total or (eval_every and step % eval_every == 0)
             if validation is not None and due:
-                points.append(_validate(model, validation, config, device, step, metrics))
+                points.append(_validate(model, validation, config, device, step, records))
             if save and config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint = _checkpoint(
                     model, optimizer, output, step, rng, job, record, progress.note
@@ -268,7 +282,7 @@ def _train(
     if save and checkpoint_step != step:
         checkpoint = _checkpoint(model, optimizer, output, step, rng, job, record, progress.note)
     if validation is not None and (not points or points[-1][0] != step):
-        points.append(_validate(model, validation, config, device, step, metrics))
+        points.append(_validate(model, validation, config, device, step, records))
     progress.close()
     # Whole again after FSDP2 (a collective gather: every rank exports).
     if modes:
@@ -281,20 +295,22 @@ def _train(
         student_path = kd.save(exported, output / "student.safetensors")
         say(f"exported student saved to {student_path}")
     seconds = time.perf_counter() - start
-    first_step = next((r for r in history if VALIDATION_KEY not in r), None)
-    for line in summary(  # of the whole run, also when it was resumed
+    # The summary and the plot read the records the loggers got (the history before a resume
+    # included), so they show the whole run.
+    first_step = next((r for r in records.all if VALIDATION_KEY not in r), None)
+    for line in summary(
         steps=step,
         seconds=seconds,
         examples_per_second=progress.rate(),
-        first=losses_of(first_step) if first_step is not None else first,
+        first=losses_of(first_step) if first_step is not None else None,
         last=parts,
-        validation=[(r["step"], r[VALIDATION_KEY]) for r in history if VALIDATION_KEY in r]
-        + points,
+        validation=[(r["step"], r[VALIDATION_KEY]) for r in records.all if VALIDATION_KEY in r],
         resumed_at=resumed_at,
     ):
         say(line)
-    if metrics is not None:
-        plot = plot_metrics(metrics.path, output / PLOT_NAME)
+    records.close()
+    if save and job.main:
+        plot = plot_metrics(records.all, output / PLOT_NAME)
         if plot is None:
             say("(no plot: matplotlib is not installed; pip install 'kdcore[plot]')")
         else:
@@ -310,7 +326,7 @@ def _train(
         checkpoint,
         student_path,
         validation=points,
-        metrics=metrics.path if metrics is not None else None,
+        metrics=output / METRICS_NAME if (output / METRICS_NAME).exists() and save else None,
         plot=plot,
         rank=job.rank,
         world_size=job.world_size,
@@ -363,11 +379,10 @@ def _validate(
     config: TrainConfig,
     device: torch.device,
     step: int,
-    metrics: MetricsFile | None,
+    records: RunRecords,
 ) -> tuple[int, float]:
     accuracy = evaluate(model, validation, config, device=device)
-    if metrics is not None:
-        metrics.write({"step": step, VALIDATION_KEY: accuracy})
+    records.log({"step": step, VALIDATION_KEY: accuracy})
     return step, accuracy
 
 
