@@ -106,6 +106,10 @@ def save(
     path = Path(path)
     model = unwrap(model)
     writer: CheckpointBackend = registries().checkpoint_backends.get(backend, where="backend")
+    records = _records(model)
+    for record in records:  # said here, where it matters: restore will need these handed over
+        for where, why in record.missing:
+            warnings.warn(f"{where}: {why}", NotRecordableWarning, stacklevel=2)
     tensors, aliases = _deduplicated(_model_tensors(model))
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -114,7 +118,7 @@ def save(
         "student_class": reference_of(
             model._kd.original_class if is_distillation_model(model) else type(model)
         ),
-        "modes": [attrs.asdict(record) for record in _records(model)],
+        "modes": [attrs.asdict(record) for record in records],
         "aliases": aliases,
         "optimizer": None,
     }
@@ -198,9 +202,7 @@ def restore(
         if saved_modes and not is_distillation_model(model):
             _check_tensors(_student_shapes(model), available, path, partial=True)
             modes = _modes_to_rebuild(saved_modes, teacher_model, path)
-            with restoring(policy), warnings.catch_warnings():
-                # Said at the original convert; the checkpoint answers it.
-                warnings.simplefilter("ignore", NotRecordableWarning)
+            with restoring(policy):
                 try:
                     model = convert(model, modes)
                 except KDCoreError as exc:

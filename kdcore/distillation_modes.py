@@ -34,8 +34,7 @@ class DistillationMode:
         plan = plan_distillation(
             model, config, path=path, whole_model_allowed=self.whole_model_allowed
         )
-        record = record_distillation(config, plan, path=path)  # warns now, not at save
-        return self.model_class.convert(model, plan, record)
+        return self.model_class.convert(model, plan, record_distillation(config, plan, path=path))
 
     def describe(self, config: KDLossConfig, *, path: str, student: nn.Module | None) -> list[str]:
         return describe_distillation(

@@ -54,6 +54,8 @@ class LossPair:
     key: str  # the loss-dict key, f"{loss name}_{index}"
     accepted_kwargs: frozenset[str] | None  # None: the loss takes **kwargs
     path: str = ""  # the config entry, for errors: "kd_loss.criterion[1]"
+    #: the loss as the config gave it ({"name": ...}, or the object itself): what is recorded
+    spec: Any = None
 
 
 @attrs.frozen
@@ -67,52 +69,28 @@ class DistillationPlan:
 def plan_distillation(
     student: nn.Module, config: KDLossConfig, *, path: str, whole_model_allowed: bool = True
 ) -> DistillationPlan:
-    """Resolve and check ``config`` against ``student``; raises before anything is changed."""
-    if not isinstance(config.expose_minimal_state_dict, bool):
-        raise ConfigTypeError(
-            f"expected a bool, got {shown(config.expose_minimal_state_dict)}",
-            path=f"{path}.expose_minimal_state_dict",
-        )
+    """Resolve and check ``config`` against ``student``; raises before anything is changed.
+
+    Builds each object the config describes once: the teacher, the losses, the balancer.
+    """
+    _check_expose_flag(config, path)
     raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
     teacher = build_teacher(config.teacher_model, path=f"{path}.teacher_model")
     if teacher is student or (
         isinstance(teacher, TeacherEnsemble) and any(t is student for t in teacher.values())
     ):
         raise ConfigError("the teacher is the student itself", path=f"{path}.teacher_model")
-
-    pairs = []
-    for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
-        if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
-            raise ConfigError(
-                "this mode pairs layers explicitly: the whole model ('') cannot be one side, "
-                "and layers are captured by their outputs (no ':input')",
-                path=entry_path,
-            )
-        if isinstance(teacher, TeacherEnsemble) and split_layer(teacher_layer)[0] == WHOLE_MODEL:
-            raise ConfigError(
-                f"with several teachers, name one ({', '.join(teacher)}) or one's layer "
-                "('<key>.<layer>') instead of ''",
-                path=f"{entry_path}.teacher",
-            )
-        student_module = _check_layer(student, student_layer, "student", f"{entry_path}.student")
-        teacher_module = _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
-        loss = _build_loss(loss, path=loss_path)
-        bind_layers = getattr(loss, "bind_layers", None)
-        if callable(bind_layers):  # e.g. a fused loss that needs the lm-head weights
-            bind_layers(student_module, teacher_module)
-        pairs.append(
-            LossPair(
-                _canonical(student_layer),
-                _canonical(teacher_layer),
-                loss,
-                key=_loss_key(
-                    loss_name(loss), index, isinstance(teacher, TeacherEnsemble), teacher_layer
-                ),
-                accepted_kwargs=_accepted_kwargs(loss),
-                path=entry_path,
-            )
+    pairs = [
+        _checked_pair(
+            entry,
+            index,
+            student=student,
+            teacher=teacher,
+            ensemble=isinstance(teacher, TeacherEnsemble),
+            whole_model_allowed=whole_model_allowed,
         )
-
+        for index, entry in enumerate(raw_pairs)
+    ]
     balancer = _balancer_for([pair.key for pair in pairs], config.loss_balancer, path=path)
     return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
 
@@ -126,8 +104,11 @@ def describe_distillation(
 ) -> list[str]:
     """Check ``config`` without building the teacher; describe what ``convert`` would build.
 
-    Student layer names are checked when ``student`` is given. Used by ``kdcore check``.
+    The checks are :func:`plan_distillation`'s, but for the teacher's layers (the teacher is
+    not built). Student layer names are checked when ``student`` is given. Used by
+    ``kdcore check``.
     """
+    _check_expose_flag(config, path)
     raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
     lines = [
         f"{path}:",
@@ -135,20 +116,25 @@ def describe_distillation(
     ]
     ensemble = is_ensemble_spec(config.teacher_model)
     keys = []
-    for index, (student_layer, teacher_layer, loss, entry_path, loss_path) in enumerate(raw_pairs):
-        if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
-            raise ConfigError("this mode pairs layers explicitly", path=entry_path)
-        if student is not None:
-            _check_layer(student, student_layer, "student", f"{entry_path}.student")
+    for index, entry in enumerate(raw_pairs):
+        student_layer, teacher_layer = entry[0], entry[1]
         try:
-            built = _build_loss(loss, path=loss_path)
-            name, described = loss_name(built), shown(built)
+            pair = _checked_pair(
+                entry,
+                index,
+                student=student,
+                teacher=None,
+                ensemble=ensemble,
+                whole_model_allowed=whole_model_allowed,
+            )
+            key, described = pair.key, shown(pair.loss)
         except NotResolvedError as exc:  # kd.check(imports=False): a class the config names
             name = exc.reference.rpartition(":")[2].rpartition(".")[2]  # the key it would give
+            key = _loss_key(name, index, ensemble, teacher_layer)
             described = f"{exc.what} {exc.reference!r} (not imported)"
-        keys.append(_loss_key(name, index, ensemble, teacher_layer))
+        keys.append(key)
         lines.append(
-            f"  {keys[-1]}: student {shown(student_layer or '<output>')} <- teacher "
+            f"  {key}: student {shown(student_layer or '<output>')} <- teacher "
             f"{shown(teacher_layer or '<output>')}: {described}"
         )
     try:
@@ -158,6 +144,64 @@ def describe_distillation(
     lines.append(f"  loss balancer: {described}")
     lines.append(f"  expose_minimal_state_dict: {config.expose_minimal_state_dict}")
     return lines
+
+
+def _check_expose_flag(config: KDLossConfig, path: str) -> None:
+    if not isinstance(config.expose_minimal_state_dict, bool):
+        raise ConfigTypeError(
+            f"expected a bool, got {shown(config.expose_minimal_state_dict)}",
+            path=f"{path}.expose_minimal_state_dict",
+        )
+
+
+def _checked_pair(
+    entry: tuple[str, str, Any, str, str],
+    index: int,
+    *,
+    student: nn.Module | None,
+    teacher: nn.Module | None,
+    ensemble: bool,
+    whole_model_allowed: bool,
+) -> LossPair:
+    """One criterion entry, checked and its loss built: the pass ``convert`` and ``check``
+    share. The layers of a model not given (``None``) are not checked."""
+    student_layer, teacher_layer, spec, entry_path, loss_path = entry
+    if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
+        raise ConfigError(
+            "this mode pairs layers explicitly: the whole model ('') cannot be one side, "
+            "and layers are captured by their outputs (no ':input')",
+            path=entry_path,
+        )
+    if ensemble and split_layer(teacher_layer)[0] == WHOLE_MODEL:
+        names = f" ({', '.join(teacher._modules)})" if teacher is not None else ""
+        raise ConfigError(
+            f"with several teachers, name one{names} or one's layer "
+            "('<key>.<layer>') instead of ''",
+            path=f"{entry_path}.teacher",
+        )
+    student_module = (
+        None
+        if student is None
+        else _check_layer(student, student_layer, "student", f"{entry_path}.student")
+    )
+    teacher_module = (
+        None
+        if teacher is None
+        else _check_layer(teacher, teacher_layer, "teacher", f"{entry_path}.teacher")
+    )
+    loss = _build_loss(spec, path=loss_path)
+    bind_layers = getattr(loss, "bind_layers", None)
+    if callable(bind_layers) and student_module is not None and teacher_module is not None:
+        bind_layers(student_module, teacher_module)  # e.g. a fused loss needs the lm-head weights
+    return LossPair(
+        _canonical(student_layer),
+        _canonical(teacher_layer),
+        loss,
+        key=_loss_key(loss_name(loss), index, ensemble, teacher_layer),
+        accepted_kwargs=_accepted_kwargs(loss),
+        path=entry_path,
+        spec=spec,
+    )
 
 
 def _balancer_for(keys: list[str], spec: Any, *, path: str) -> DistillationLossBalancer | None:

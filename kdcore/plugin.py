@@ -42,7 +42,7 @@ from kdcore.model import DistillationState, gather_fsdp2, is_distillation_model
 from kdcore.modes import Mode
 from kdcore.plan import DistillationPlan, LossPair, describe_distillation, plan_distillation
 from kdcore.plugin_manager import PluginWarning
-from kdcore.record import ModeRecord, record_distillation
+from kdcore.record import ModeRecord, Recordable, record_distillation
 from kdcore.references import UntrustedReferenceError, reference_of, resolve, teacher_factory
 from kdcore.registry import Provider, Registry
 from kdcore.run_logger import RunLogger
@@ -65,6 +65,7 @@ __all__ = [
     "ModeRecord",
     "PluginWarning",
     "Provider",
+    "Recordable",
     "Registry",
     "RunLogger",
     "TensorInfo",

@@ -1,17 +1,18 @@
 """Recording a distillation set-up as plain data, so that a checkpoint can rebuild it.
 
-Objects given as Python instances are recorded by their registered plugin name (or
-``"module:qualname"`` outside the registries) and their constructor arguments, read back from
-same-named attributes (``LogitsDistillationLoss(temperature=2.0)`` keeps ``self.temperature``).
-What cannot be recorded is reported by ``convert`` straight away, not discovered at restore.
+What the user wrote is what is recorded: a plugin reference ``{"name": ..., **kwargs}`` (a
+registered name or a ``"module:qualname"``), a teacher spec, as data. Only objects passed as
+Python instances need more: one that declares its config (:class:`Recordable`) is recorded by
+its class and that config; for others, the constructor arguments are read back from same-named
+attributes where they exist. What cannot be recorded is listed in the record (``missing``);
+``kd.save`` warns about it, since the checkpoint then needs it handed over at restore.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 from torch import nn
@@ -26,7 +27,28 @@ from kdcore.teacher import canonical_loader_spec, is_ensemble_spec, unpack_spec_
 
 
 class NotRecordableWarning(UserWarning):
-    """Part of a config cannot be written as data; ``kd.restore`` will need it handed over."""
+    """``kd.save``: part of a config cannot be written as data; ``kd.restore`` will need it
+    handed over."""
+
+
+@runtime_checkable
+class Recordable(Protocol):
+    """An object that says which keyword arguments rebuild it, for ``kd.save`` to record.
+
+    ``type(obj)(**obj.kdcore_config())`` must build an equal object; the values are plain data
+    (numbers, strings, bools, ``None``, lists, dicts with string keys). Without this method,
+    the constructor arguments are read back from attributes of the same names. ::
+
+        class Projected(nn.Module):
+            def __init__(self, dims: tuple[int, int]) -> None:
+                super().__init__()
+                self.proj = nn.Linear(*dims)
+
+            def kdcore_config(self) -> dict[str, Any]:
+                return {"dims": [self.proj.in_features, self.proj.out_features]}
+    """
+
+    def kdcore_config(self) -> Mapping[str, Any]: ...
 
 
 class _NotRecordable(Exception):
@@ -52,13 +74,12 @@ def record_mode(name: str, config: Any) -> ModeRecord:
     try:
         data = _data(unstructure(config), f"the {name} config")
     except _NotRecordable as exc:
-        warnings.warn(f"{name}: {exc}", NotRecordableWarning, stacklevel=4)
         return ModeRecord(name=name, config=None, missing=((name, str(exc)),))
     return ModeRecord(name=name, config=data)
 
 
 def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: str) -> ModeRecord:
-    """Record a checked distillation config; warns once per value it cannot record."""
+    """Record a checked distillation config: each value as the config gave it, as data."""
     missing: list[tuple[str, str]] = []
 
     def attempt(where: str, fn: Any, *args: Any) -> Any:
@@ -69,14 +90,17 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
             return None
 
     teacher, teacher_is_instance = attempt(
-        f"{path}.teacher_model", _record_teacher, config.teacher_model, plan.teacher
+        f"{path}.teacher_model", _record_teacher, config.teacher_model
     ) or (None, True)
     criterion = [
         {
             "student": pair.student_layer,
             "teacher": pair.teacher_layer,
             "loss": attempt(
-                f"{path}.criterion[{index}].loss", _record_plugin, pair.loss, registries().criteria
+                f"{path}.criterion[{index}].loss",
+                _record_spec,
+                pair.loss if pair.spec is None else pair.spec,
+                registries().criteria,
             ),
         }
         for index, pair in enumerate(plan.pairs)
@@ -84,10 +108,13 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
     balancer = (
         None
         if plan.balancer is None
-        else attempt(f"{path}.loss_balancer", _record_plugin, plan.balancer, registries().balancers)
+        else attempt(
+            f"{path}.loss_balancer",
+            _record_spec,
+            plan.balancer if config.loss_balancer is None else config.loss_balancer,
+            registries().balancers,
+        )
     )
-    for where, why in missing:
-        warnings.warn(f"{where}: {why}", NotRecordableWarning, stacklevel=4)
     return ModeRecord(
         name=path,
         config={
@@ -101,12 +128,11 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
     )
 
 
-def _record_teacher(spec: Any, teacher: nn.Module) -> tuple[dict[str, Any], bool]:
-    """(teacher-loader mapping, whether the weights must be saved because no spec rebuilds them)."""
+def _record_teacher(spec: Any) -> tuple[Any, bool]:
+    """(the teacher spec as data, whether the weights must be saved because no spec rebuilds
+    them)."""
     if is_ensemble_spec(spec):
-        records = {
-            key: _record_teacher(item, teacher.get_submodule(key)) for key, item in spec.items()
-        }
+        records = {key: _record_teacher(item) for key, item in spec.items()}
         return {key: record for key, (record, _) in records.items()}, any(
             weights for _, weights in records.values()
         )
@@ -117,8 +143,8 @@ def _record_teacher(spec: Any, teacher: nn.Module) -> tuple[dict[str, Any], bool
             return _callable_ref(type(spec), (), init_kwargs(spec)), True
         except _NotRecordable as exc:
             raise _NotRecordable(
-                f"the teacher was passed as an instance and {exc}; kd.save will store its weights "
-                "and kd.restore will need teacher_model= (or pass a named factory instead)"
+                f"the teacher was passed as an instance and {exc}; its weights are saved and "
+                "kd.restore will need teacher_model= (or pass a named factory instead)"
             ) from None
     fn, args, kwargs = (
         unpack_spec_tuple(spec, path="") if isinstance(spec, tuple) else (spec, (), {})
@@ -141,27 +167,40 @@ def _callable_ref(fn: Any, args: Any, kwargs: Any) -> dict[str, Any]:
     }
 
 
-def _record_plugin(obj: Any, registry: Registry[Any]) -> dict[str, Any]:
-    if not isinstance(obj, nn.Module):  # a plain loss function, used as it is
-        target = reference_of(obj)
+def _record_spec(spec: Any, registry: Registry[Any]) -> dict[str, Any]:
+    """A plugin reference as written; an instance by its plugin name and config."""
+    if is_plugin_ref(spec):
+        return _data(dict(spec), f"the {registry.kind} mapping")  # type: ignore[no-any-return]
+    if not isinstance(spec, nn.Module):  # a plain loss function, used as it is
+        target = reference_of(spec)
         if target is None:
-            raise _NotRecordable(f"{obj!r} is a lambda or local function, which a file cannot name")
+            raise _NotRecordable(
+                f"{spec!r} is a lambda or local function, which a file cannot name"
+            )
         return {PLUGIN_NAME_KEY: target}
-    cls = type(obj)
+    cls = type(spec)
     name = registry.name_of(cls) or reference_of(cls)
     if name is None:
         raise _NotRecordable(
             f"{cls.__qualname__} is defined inside a function; a file cannot name it"
         )
-    kwargs = init_kwargs(obj)
+    kwargs = init_kwargs(spec)
     if PLUGIN_NAME_KEY in kwargs:
         raise _NotRecordable(f"{cls.__name__} takes an argument called {PLUGIN_NAME_KEY!r}")
     return {PLUGIN_NAME_KEY: name, **kwargs}
 
 
 def init_kwargs(obj: object) -> dict[str, Any]:
-    """The constructor arguments of ``obj``, read back from its same-named attributes."""
+    """The keyword arguments that rebuild ``obj``: its :meth:`Recordable.kdcore_config`, or
+    else its constructor arguments, read back from same-named attributes."""
     cls = type(obj)
+    if isinstance(obj, Recordable):
+        declared = obj.kdcore_config()
+        if not isinstance(declared, Mapping):
+            raise _NotRecordable(
+                f"{cls.__name__}.kdcore_config() returned {type(declared).__name__}, not a mapping"
+            )
+        return _data(dict(declared), f"{cls.__name__}.kdcore_config()")  # type: ignore[no-any-return]
     if cls.__init__ in (nn.Module.__init__, object.__init__):  # takes no arguments of its own
         return {}
     kwargs = {}
@@ -177,6 +216,7 @@ def init_kwargs(obj: object) -> dict[str, Any]:
         if not hasattr(obj, parameter.name):
             raise _NotRecordable(
                 f"{cls.__name__} keeps no attribute for its constructor argument {parameter.name!r}"
+                " (and declares no kdcore_config())"
             )
         value = getattr(obj, parameter.name)
         kwargs[parameter.name] = _data(value, f"{cls.__name__}'s argument {parameter.name!r}")
