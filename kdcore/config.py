@@ -1,10 +1,46 @@
-"""Config classes of the built-in distillation modes (plain data; see :mod:`kdcore.converter`)."""
+"""Config classes of the built-in distillation modes (plain data; see :mod:`kdcore.converter`).
+
+The converter turns what a user writes into these types: every accepted criterion form into
+one list of :class:`CriterionEntry`, each ``{"name": ...}`` mapping into a :class:`PluginRef`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 import attrs
+
+
+@attrs.frozen
+class PluginRef:
+    """A plugin reference, ``{"name": "logits", "temperature": 2.0}`` in a config: the
+    registered name (or a ``"package.module:Class"`` reference) and the keyword arguments the
+    plugin is called with."""
+
+    name: str
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class CriterionEntry:
+    """One criterion entry: a student layer, a teacher layer and the loss between their outputs
+    (a :class:`PluginRef`, or a loss object given in Python)."""
+
+    student: str
+    teacher: str
+    loss: Any
+    #: where the entry was written, relative to ``criterion`` ("" for a single loss, "[1]"):
+    #: errors name the place the user wrote
+    where: str = attrs.field(default="", eq=False, repr=False, kw_only=True)
+
+
+#: What ``criterion`` accepts; the converter turns each form into ``list[CriterionEntry]``.
+CriterionSpec = Union[  # noqa: UP007 (a runtime object: cattrs dispatches on it)
+    list[CriterionEntry], Mapping[Any, Any], Sequence[Any], Callable[..., Any]
+]
+#: What ``loss_balancer`` accepts: None, a balancer object, or a :class:`PluginRef` mapping.
+BalancerSpec = Union[PluginRef, Mapping[str, Any], Any, None]  # noqa: UP007
 
 
 @attrs.define(kw_only=True)
@@ -27,8 +63,8 @@ class KDLossConfig:
     """
 
     teacher_model: Any
-    criterion: Any
-    loss_balancer: Any = None
+    criterion: CriterionSpec
+    loss_balancer: BalancerSpec = None
     expose_minimal_state_dict: bool = True
 
 

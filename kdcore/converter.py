@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
+from kdcore.config import BalancerSpec, CriterionEntry, CriterionSpec, PluginRef
 from kdcore.errors import (
     SHOWN_CHARACTERS,
     ConfigError,
@@ -78,6 +79,7 @@ def _converter() -> cattrs.Converter:
     Python never structure a config, and cattrs and its generated code are not free to import.
     """
     import cattrs
+    import cattrs.gen
 
     converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
     converter.register_structure_hook(bool, _strict_scalar(bool, (bool,)))
@@ -85,7 +87,134 @@ def _converter() -> cattrs.Converter:
     converter.register_structure_hook(float, _strict_scalar(float, (int, float)))
     converter.register_structure_hook(str, _strict_scalar(str, (str,)))
     converter.register_structure_hook_func(_is_choice, _structure_choice)
+    converter.register_structure_hook(PluginRef, lambda value, _: _plugin_ref(value, "plugin"))
+    converter.register_unstructure_hook(
+        PluginRef, lambda ref: {PLUGIN_NAME_KEY: ref.name, **ref.kwargs}
+    )
+    converter.register_structure_hook(
+        CriterionEntry,
+        cattrs.gen.make_dict_structure_fn(
+            CriterionEntry,
+            converter,
+            loss=cattrs.gen.override(struct_hook=lambda value, _: _loss(value)),
+            where=cattrs.gen.override(omit=True),
+        ),
+    )
+    converter.register_structure_hook_func(
+        lambda cls: cls == CriterionSpec, lambda value, _: _criterion(converter, value)
+    )
+    converter.register_structure_hook_func(
+        lambda cls: cls == BalancerSpec,
+        lambda value, _: _plugin_ref(value, "balancer") if is_plugin_ref(value) else value,
+    )
     return converter
+
+
+class _Within(Exception):
+    """An error at ``where`` (``"[1].loss"``) below the value a structure hook was given."""
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(where, cause)
+        self.where, self.cause = where, cause
+
+
+def _plugin_ref(value: Any, kind: str) -> PluginRef:
+    """``{"name": ..., **kwargs}`` as a :class:`~kdcore.config.PluginRef`."""
+    if isinstance(value, PluginRef):
+        return value
+    if not isinstance(value, Mapping) or PLUGIN_NAME_KEY not in value:
+        raise ConfigTypeError(f"expected {{'name': <{kind} name>, ...}}, got {shown(value)}")
+    name = value[PLUGIN_NAME_KEY]
+    if not isinstance(name, str):
+        raise _Within(
+            f".{PLUGIN_NAME_KEY}",
+            ConfigTypeError(f"expected the name of a {kind}, got {type(name).__name__}"),
+        )
+    return PluginRef(name, {key: item for key, item in value.items() if key != PLUGIN_NAME_KEY})
+
+
+def _loss(value: Any) -> Any:
+    """A criterion entry's loss: a plugin reference, or a loss object given in Python."""
+    if is_plugin_ref(value):
+        return _plugin_ref(value, "criterion")
+    if isinstance(value, type):
+        raise ConfigTypeError(
+            f"got the class {value.__name__}; pass an instance, e.g. {value.__name__}()"
+        )
+    if not callable(value):
+        raise ConfigTypeError(
+            f"expected a loss module, a callable or {{'name': ...}}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _criterion(converter: cattrs.Converter, value: Any) -> list[CriterionEntry]:
+    """Every accepted criterion form as one list of entries (a list of entries stays as it is)."""
+    if value is None:
+        raise ConfigError(
+            "is required: a loss, {(student_layer, teacher_layer): loss} or a list of "
+            "{'student': ..., 'teacher': ..., 'loss': ...}"
+        )
+    if isinstance(value, list) and value and all(isinstance(e, CriterionEntry) for e in value):
+        return value
+    if is_plugin_ref(value) or isinstance(value, type) or callable(value):
+        return [CriterionEntry("", "", _loss(value))]
+    if isinstance(value, Mapping):  # {(student_layer, teacher_layer): loss}
+        if not value:
+            raise ConfigError("has no entries")
+        entries = []
+        for index, (layers, loss) in enumerate(value.items()):
+            where = f"[{index}]"
+            if not (
+                isinstance(layers, tuple)
+                and len(layers) == 2
+                and all(isinstance(n, str) for n in layers)
+            ):
+                hint = "; a plugin mapping needs a 'name' key" if isinstance(layers, str) else ""
+                raise _Within(
+                    where,
+                    ConfigTypeError(
+                        "keys must be (student_layer, teacher_layer) tuples of strings, "
+                        f"got {shown(layers)}{hint}"
+                    ),
+                )
+            try:
+                entries.append(CriterionEntry(*layers, _loss(loss), where=where))
+            except ConfigError as exc:
+                raise _Within(f"{where}.loss", exc) from None
+        return entries
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if not value:
+            raise ConfigError("has no entries")
+        entries = []
+        for index, item in enumerate(value):
+            where = f"[{index}]"
+            if isinstance(item, CriterionEntry):
+                entries.append(item)
+                continue
+            if not isinstance(item, Mapping):
+                raise _Within(
+                    where,
+                    ConfigTypeError(
+                        "expected {'student': ..., 'teacher': ..., 'loss': ...}, "
+                        f"got {type(item).__name__}"
+                    ),
+                )
+            try:
+                entry = converter.structure(dict(item), CriterionEntry)
+            except Exception as exc:
+                raise _Within(where, exc) from None
+            entries.append(attrs.evolve(entry, where=where))
+        return entries
+    raise ConfigTypeError(f"expected a loss or layer pairs, got {type(value).__name__}")
+
+
+def criterion_entries(criterion: Any, *, path: str) -> list[CriterionEntry]:
+    """``criterion`` in any accepted form as one list of entries; errors name the path."""
+    try:
+        return _converter().structure(criterion, CriterionSpec)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise _config_error(exc, None, path) from None
 
 
 def structure(data: Any, cls: type[T], *, path: str) -> T:
@@ -138,20 +267,26 @@ def check_size(data: Any, *, path: str) -> None:
 
 def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
     """The first leaf of a cattrs error tree, as a ConfigError with the leaf's path."""
+    if isinstance(exc, _Within):
+        return _config_error(exc.cause, None, f"{path}{exc.where}")
+    if isinstance(exc, ConfigError):  # from a structure hook, which does not know the path
+        return exc if exc.path or not path else type(exc)(str(exc), path=path)
     from cattrs.errors import (
         ClassValidationError,
         ForbiddenExtraKeysError,
         IterableValidationError,
     )
 
-    if isinstance(exc, KDCoreError) and isinstance(exc, ConfigError):
-        return exc
     if isinstance(exc, ForbiddenExtraKeysError):
-        valid = [field.name for field in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
+        # Fields compared for equality are the data; others (CriterionEntry.where) are not keys.
+        valid = [f.name for f in attrs.fields(exc.cl) if f.eq] if attrs.has(exc.cl) else []
         key = sorted(exc.extra_fields)[0]
         return ConfigError(f"unknown key{did_you_mean(key, valid)}", path=f"{path}.{key}")
     if isinstance(exc, ClassValidationError):
         with_notes, without_notes = exc.group_exceptions()
+        for inner in without_notes:  # a misspelt key explains the missing one: say it first
+            if isinstance(inner, ForbiddenExtraKeysError):
+                return _config_error(inner, cls, path)
         for inner, note in with_notes:
             return _config_error(inner, None, f"{path}.{note.name}")
         for inner in without_notes:
@@ -170,23 +305,22 @@ def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
 
 
 def is_plugin_ref(value: object) -> bool:
-    """A plugin reference is a mapping whose ``name`` picks a registered plugin."""
-    return isinstance(value, Mapping) and PLUGIN_NAME_KEY in value
+    """A plugin reference is a :class:`~kdcore.config.PluginRef`, or a mapping whose ``name``
+    picks a registered plugin."""
+    return isinstance(value, PluginRef) or (isinstance(value, Mapping) and PLUGIN_NAME_KEY in value)
 
 
-def instantiate(registry: Registry[Any], ref: Mapping[str, Any], *, path: str) -> Any:
-    """Call the plugin ``ref["name"]`` with the other keys of ``ref`` as keyword arguments.
+def instantiate(registry: Registry[Any], ref: PluginRef | Mapping[str, Any], *, path: str) -> Any:
+    """Call the plugin ``ref.name`` with ``ref.kwargs`` (a mapping's other keys).
 
     ``name`` is a registered name, or a ``"package.module:Class"`` reference for a class that
     no plugin registers.
     """
-    name = ref[PLUGIN_NAME_KEY]
-    if not isinstance(name, str):
-        raise ConfigTypeError(
-            f"expected the name of a {registry.kind}, got {type(name).__name__}",
-            path=f"{path}.{PLUGIN_NAME_KEY}",
-        )
-    kwargs = {key: value for key, value in ref.items() if key != PLUGIN_NAME_KEY}
+    try:
+        ref = _plugin_ref(ref, registry.kind)
+    except Exception as exc:
+        raise _config_error(exc, None, path) from None
+    name, kwargs = ref.name, ref.kwargs
     if ":" in name:
         try:
             factory = resolve(name, what=f"{registry.kind} class")

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from torch import nn
 
 from kdcore.balancer import DistillationLossBalancer
-from kdcore.config import KDLossConfig
-from kdcore.converter import instantiate, is_plugin_ref
+from kdcore.config import CriterionEntry, KDLossConfig
+from kdcore.converter import criterion_entries, instantiate, is_plugin_ref
 from kdcore.errors import (
     ConfigError,
     ConfigTypeError,
@@ -74,7 +74,7 @@ def plan_distillation(
     Builds each object the config describes once: the teacher, the losses, the balancer.
     """
     _check_expose_flag(config, path)
-    raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
+    entries = criterion_entries(config.criterion, path=f"{path}.criterion")
     teacher = build_teacher(config.teacher_model, path=f"{path}.teacher_model")
     if teacher is student or (
         isinstance(teacher, TeacherEnsemble) and any(t is student for t in teacher.values())
@@ -84,12 +84,13 @@ def plan_distillation(
         _checked_pair(
             entry,
             index,
+            path=f"{path}.criterion",
             student=student,
             teacher=teacher,
             ensemble=isinstance(teacher, TeacherEnsemble),
             whole_model_allowed=whole_model_allowed,
         )
-        for index, entry in enumerate(raw_pairs)
+        for index, entry in enumerate(entries)
     ]
     balancer = _balancer_for([pair.key for pair in pairs], config.loss_balancer, path=path)
     return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
@@ -109,19 +110,20 @@ def describe_distillation(
     ``kdcore check``.
     """
     _check_expose_flag(config, path)
-    raw_pairs = _criterion_entries(config.criterion, path=f"{path}.criterion")
+    entries = criterion_entries(config.criterion, path=f"{path}.criterion")
     lines = [
         f"{path}:",
         f"  teacher: {check_teacher_spec(config.teacher_model, path=f'{path}.teacher_model')}",
     ]
     ensemble = is_ensemble_spec(config.teacher_model)
     keys = []
-    for index, entry in enumerate(raw_pairs):
-        student_layer, teacher_layer = entry[0], entry[1]
+    for index, entry in enumerate(entries):
+        student_layer, teacher_layer = entry.student, entry.teacher
         try:
             pair = _checked_pair(
                 entry,
                 index,
+                path=f"{path}.criterion",
                 student=student,
                 teacher=None,
                 ensemble=ensemble,
@@ -155,9 +157,10 @@ def _check_expose_flag(config: KDLossConfig, path: str) -> None:
 
 
 def _checked_pair(
-    entry: tuple[str, str, Any, str, str],
+    entry: CriterionEntry,
     index: int,
     *,
+    path: str,
     student: nn.Module | None,
     teacher: nn.Module | None,
     ensemble: bool,
@@ -165,7 +168,9 @@ def _checked_pair(
 ) -> LossPair:
     """One criterion entry, checked and its loss built: the pass ``convert`` and ``check``
     share. The layers of a model not given (``None``) are not checked."""
-    student_layer, teacher_layer, spec, entry_path, loss_path = entry
+    student_layer, teacher_layer, spec = entry.student, entry.teacher, entry.loss
+    entry_path = f"{path}{entry.where}"
+    loss_path = f"{entry_path}.loss" if entry.where else entry_path  # a single loss: criterion
     if not whole_model_allowed and _not_a_plain_layer(student_layer, teacher_layer):
         raise ConfigError(
             "this mode pairs layers explicitly: the whole model ('') cannot be one side, "
@@ -242,91 +247,10 @@ def loss_name(loss: Callable[..., Any]) -> str:
     return getattr(loss, "__name__", type(loss).__name__)
 
 
-def _criterion_entries(criterion: Any, *, path: str) -> list[tuple[str, str, Any, str, str]]:
-    """Every accepted criterion form, as (student layer, teacher layer, loss, entry path,
-    loss path)."""
-    if criterion is None:
-        raise ConfigError(
-            "is required: a loss, {(student_layer, teacher_layer): loss} or a list of "
-            "{'student': ..., 'teacher': ..., 'loss': ...}",
-            path=path,
-        )
-    if isinstance(criterion, type):
-        raise ConfigTypeError(
-            f"got the class {criterion.__name__}; pass an instance, e.g. {criterion.__name__}()",
-            path=path,
-        )
-    if is_plugin_ref(criterion) or _is_loss(criterion):
-        return [(WHOLE_MODEL, WHOLE_MODEL, criterion, path, path)]
-    if isinstance(criterion, Mapping):
-        if not criterion:
-            raise ConfigError("has no entries", path=path)
-        entries = []
-        for index, (layers, loss) in enumerate(criterion.items()):
-            entry_path = f"{path}[{index}]"
-            if not (
-                isinstance(layers, tuple)
-                and len(layers) == 2
-                and all(isinstance(n, str) for n in layers)
-            ):
-                raise ConfigTypeError(
-                    "keys must be (student_layer, teacher_layer) tuples of strings, "
-                    f"got {shown(layers)}"
-                    + ("; a plugin mapping needs a 'name' key" if isinstance(layers, str) else ""),
-                    path=entry_path,
-                )
-            entries.append((layers[0], layers[1], loss, entry_path, f"{entry_path}.loss"))
-        return entries
-    if isinstance(criterion, Sequence) and not isinstance(criterion, (str, bytes)):
-        if not criterion:
-            raise ConfigError("has no entries", path=path)
-        return [_pair_entry(item, f"{path}[{i}]") for i, item in enumerate(criterion)]
-    raise ConfigTypeError(
-        f"expected a loss or layer pairs, got {type(criterion).__name__}", path=path
-    )
-
-
-def _pair_entry(item: Any, path: str) -> tuple[str, str, Any, str, str]:
-    if not isinstance(item, Mapping):
-        raise ConfigTypeError(
-            f"expected {{'student': ..., 'teacher': ..., 'loss': ...}}, got {type(item).__name__}",
-            path=path,
-        )
-    allowed = ("student", "teacher", "loss")
-    for key in item:
-        if key not in allowed:
-            hint = closest(str(key), allowed)
-            raise ConfigError(
-                "unknown key" + (f"; did you mean {hint!r}?" if hint else ""), path=f"{path}.{key}"
-            )
-    for key in allowed:
-        if key not in item:
-            raise ConfigError("required key missing", path=f"{path}.{key}")
-    for key in ("student", "teacher"):
-        if not isinstance(item[key], str):
-            raise ConfigTypeError(
-                f"expected a layer name, got {type(item[key]).__name__}", path=f"{path}.{key}"
-            )
-    return item["student"], item["teacher"], item["loss"], path, f"{path}.loss"
-
-
-def _is_loss(value: Any) -> bool:
-    return isinstance(value, nn.Module) or (callable(value) and not isinstance(value, type))
-
-
-def _build_loss(loss: Any, *, path: str) -> Callable[..., Any]:
-    if is_plugin_ref(loss):
-        return instantiate(registries().criteria, loss, path=path)  # type: ignore[no-any-return]
-    if isinstance(loss, type):
-        raise ConfigTypeError(
-            f"got the class {loss.__name__}; pass an instance, e.g. {loss.__name__}()", path=path
-        )
-    if not callable(loss):
-        raise ConfigTypeError(
-            f"expected a loss module, a callable or {{'name': ...}}, got {type(loss).__name__}",
-            path=path,
-        )
-    return loss  # type: ignore[no-any-return]
+def _build_loss(spec: Any, *, path: str) -> Callable[..., Any]:
+    if is_plugin_ref(spec):
+        return instantiate(registries().criteria, spec, path=path)  # type: ignore[no-any-return]
+    return spec  # type: ignore[no-any-return]  # a loss object, checked by the converter
 
 
 def _build_balancer(spec: Any, *, path: str) -> DistillationLossBalancer | None:

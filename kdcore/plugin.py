@@ -34,6 +34,7 @@ from kdcore.checkpoint import (
     inspect_checkpoint,
     open_regular,
 )
+from kdcore.config import CriterionEntry, PluginRef
 from kdcore.config_files import read_config_file
 from kdcore.converter import instantiate, structure
 from kdcore.errors import did_you_mean, shown
@@ -57,12 +58,14 @@ __all__ = [
     "CheckpointReader",
     "CheckpointVersionError",
     "CheckpointWriteError",
+    "CriterionEntry",
     "DistillationPlan",
     "DistillationState",
     "DuplicateKeyError",
     "LossPair",
     "Mode",
     "ModeRecord",
+    "PluginRef",
     "PluginWarning",
     "Provider",
     "Recordable",

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 from torch import nn
 
-from kdcore.config import KDLossConfig
+from kdcore.config import KDLossConfig, PluginRef
 from kdcore.converter import PLUGIN_NAME_KEY, is_plugin_ref, unstructure
 from kdcore.plan import DistillationPlan
 from kdcore.plugin_manager import registries
@@ -170,7 +170,8 @@ def _callable_ref(fn: Any, args: Any, kwargs: Any) -> dict[str, Any]:
 def _record_spec(spec: Any, registry: Registry[Any]) -> dict[str, Any]:
     """A plugin reference as written; an instance by its plugin name and config."""
     if is_plugin_ref(spec):
-        return _data(dict(spec), f"the {registry.kind} mapping")  # type: ignore[no-any-return]
+        written = unstructure(spec) if isinstance(spec, PluginRef) else dict(spec)
+        return _data(written, f"the {registry.kind} mapping")  # type: ignore[no-any-return]
     if not isinstance(spec, nn.Module):  # a plain loss function, used as it is
         target = reference_of(spec)
         if target is None:
