@@ -1,23 +1,105 @@
 """The checkpoint manifest: its JSON, parsed strictly, and every problem for which
 ``kd.restore`` refuses it (``kd.inspect`` reports them all).
+
+The manifest is a :class:`Manifest`, written and read by the project's converter: the types
+are the schema, and a damaged manifest's problems are the leaves of the converter's error tree.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import reprlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from kdcore._checkpoint_backend import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointVersionError,
 )
+from kdcore.converter import project_converter
+from kdcore.record import ModeRecord
 from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
+
+if TYPE_CHECKING:
+    import cattrs
 
 FORMAT = "kdcore.checkpoint"
 FORMAT_VERSION = 1
+
+
+@attrs.frozen(kw_only=True)
+class Manifest:
+    """What a checkpoint's JSON manifest holds (``kd.save`` writes it; keys it does not know
+    are left alone, as before)."""
+
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    kdcore_version: str | None = None
+    student_class: str | None = None
+    #: the applied modes, in order
+    modes: list[ModeRecord]
+    #: ``{alias: stored name}`` of tied tensors
+    aliases: dict[str, str]
+    #: the optimizer's scalars and groups (see :mod:`kdcore._optimizer_state`)
+    optimizer: dict[str, Any] | None = None
+
+
+#: The manifest's containers, and the JSON container each must be: cattrs would iterate a
+#: dict's keys as a list, or a string's characters as a tuple.
+_JSON_CONTAINERS: list[tuple[Any, type]] = [
+    (list[ModeRecord], list),
+    (tuple[tuple[str, str], ...], list),
+    (tuple[str, str], list),
+    (dict[str, str], dict),
+    (dict[str, Any], dict),
+]
+
+
+@functools.cache
+def _manifest_converter() -> cattrs.Converter:
+    converter = project_converter().copy(forbid_extra_keys=False)
+    # kd.save writes every key of a mode record: one that is absent is damage, not a default.
+    # (Registered first: the list hook below takes the element hook when it is made.)
+    converter.register_structure_hook(
+        ModeRecord, _complete(ModeRecord, converter.get_structure_hook(ModeRecord))
+    )
+    for cls, container in _JSON_CONTAINERS:
+        hook = _only(container, converter.get_structure_hook(cls))
+        converter.register_structure_hook_func(functools.partial(operator.eq, cls), hook)
+    return converter
+
+
+def _only(container: type, structure: Any) -> Any:
+    def hook(value: Any, cls: Any) -> Any:
+        if not isinstance(value, container):
+            raise TypeError(f"expected a {container.__name__}, got {type(value).__name__}")
+        return structure(value, cls)
+
+    return hook
+
+
+def _complete(cls: Any, structure: Any) -> Any:
+    keys = [field.name for field in attrs.fields(cls)]
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a dict, got {type(value).__name__}")
+        for key in keys:
+            if key not in value:
+                raise KeyError(key)
+        return structure(value, cls)
+
+    return hook
+
+
+def manifest_text(manifest: Manifest) -> str:
+    """The manifest as JSON (NaN allowed: an optimizer's scalars may hold it)."""
+    return json.dumps(_manifest_converter().unstructure(manifest), allow_nan=True)
 
 
 def parse_manifest(text: str, path: Path) -> dict[str, Any]:
@@ -55,48 +137,49 @@ def manifest_problems(manifest: Any) -> list[tuple[type[CheckpointError], str]]:
             "upgrade kdcore"
         )
         return [(CheckpointVersionError, problem)]
-    problems: list[tuple[type[CheckpointError], str]] = []
+    try:
+        _manifest_converter().structure(manifest, Manifest)
+    except Exception as exc:
+        problems = [_problem(where, manifest) for where in _error_places(exc)]
+        return [(CheckpointFormatError, problem) for problem in dict.fromkeys(problems)]
+    return []
 
-    def bad(problem: str) -> None:
-        problems.append((CheckpointFormatError, problem))
 
-    expected_types: dict[str, type | tuple[type, ...]] = {
-        "modes": list,
-        "aliases": dict,
-        "optimizer": (dict, type(None)),
-    }
-    for key, types in expected_types.items():
-        if not isinstance(manifest.get(key), types):
-            bad(f"manifest {key!r} has the wrong type")
-    modes = manifest.get("modes")
-    for index, mode in enumerate(modes if isinstance(modes, list) else []):
-        valid = (
-            isinstance(mode, dict)
-            and isinstance(mode.get("name"), str)
-            and isinstance(mode.get("config"), (dict, type(None)))
-            and isinstance(mode.get("missing"), list)
-            and isinstance(mode.get("teacher_weights"), bool)
-        )
-        if not valid:
-            bad(f"manifest modes[{index}] is malformed")
-            continue
-        for entry in mode["missing"]:
-            if not (
-                isinstance(entry, list)
-                and len(entry) == 2
-                and all(isinstance(e, str) for e in entry)
-            ):
-                bad(
-                    f"manifest modes[{index}].missing holds {reprlib.repr(entry)}; expected "
-                    "[config path, reason] pairs of strings"
-                )
-                break
-    aliases = manifest.get("aliases")
-    if isinstance(aliases, dict) and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
-        bad("manifest 'aliases' must map names to names")
-    return problems
+def _error_places(exc: BaseException, where: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Where (attribute names, indices, keys) each leaf of a cattrs error tree lies."""
+    from cattrs.errors import (
+        AttributeValidationNote,
+        ClassValidationError,
+        IterableValidationError,
+    )
+
+    if not isinstance(exc, (ClassValidationError, IterableValidationError)):
+        return [where]
+    noted, unnoted = exc.group_exceptions()
+    places = []
+    for inner, note in noted:
+        step = note.name if isinstance(note, AttributeValidationNote) else note.index
+        places += _error_places(inner, (*where, step))
+    for inner in unnoted:
+        places += _error_places(inner, where)
+    return places
+
+
+def _problem(where: tuple[Any, ...], manifest: dict[str, Any]) -> str:
+    """The problem at ``where``, said in terms of the manifest's JSON."""
+    key, *inner = where or ("",)
+    if key == "modes" and inner:
+        index = inner[0]
+        if inner[1:2] == ["missing"] and len(inner) > 2:
+            entry = manifest["modes"][index]["missing"][inner[2]]
+            return (
+                f"manifest modes[{index}].missing holds {reprlib.repr(entry)}; expected "
+                "[config path, reason] pairs of strings"
+            )
+        return f"manifest modes[{index}] is malformed"
+    if key == "aliases" and inner:
+        return "manifest 'aliases' must map names to names"
+    return f"manifest {key!r} has the wrong type"
 
 
 def recorded_config_problems(manifest: dict[str, Any]) -> list[str]:

@@ -12,7 +12,6 @@ contract and errors (``_checkpoint_backend``), the manifest (``_manifest``), opt
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import warnings
@@ -20,7 +19,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
 import torch
 from torch import nn
 
@@ -40,9 +38,11 @@ from kdcore._checkpoint_backend import (
 from kdcore._manifest import (
     FORMAT,
     FORMAT_VERSION,
+    Manifest,
     kdcore_version,
     manifest_json,
     manifest_problems,
+    manifest_text,
     parse_manifest,
     recorded_config_problems,
 )
@@ -111,21 +111,17 @@ def save(
         for where, why in record.missing:
             warnings.warn(f"{where}: {why}", NotRecordableWarning, stacklevel=2)
     tensors, aliases = _deduplicated(_model_tensors(model))
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kdcore_version": kdcore_version(),
-        "student_class": reference_of(
+    manifest = Manifest(
+        kdcore_version=kdcore_version(),
+        student_class=reference_of(
             model._kd.original_class if is_distillation_model(model) else type(model)
         ),
-        "modes": [attrs.asdict(record) for record in records],
-        "aliases": aliases,
-        "optimizer": None,
-    }
-    if optimizer is not None:
-        manifest["optimizer"] = optimizer_manifest(optimizer, tensors)
+        modes=records,
+        aliases=aliases,
+        optimizer=None if optimizer is None else optimizer_manifest(optimizer, tensors),
+    )
     try:
-        text = json.dumps(manifest, allow_nan=True)
+        text = manifest_text(manifest)
     except (TypeError, ValueError) as exc:
         raise CheckpointWriteError(f"{path}: the manifest is not plain data: {exc}") from exc
     writer.write(path, tensors, text, **backend_options)

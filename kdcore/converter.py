@@ -217,6 +217,11 @@ def criterion_entries(criterion: Any, *, path: str) -> list[CriterionEntry]:
         raise _config_error(exc, None, path) from None
 
 
+def project_converter() -> cattrs.Converter:
+    """The project's converter (built, and cattrs imported, at first use)."""
+    return _converter()
+
+
 def structure(data: Any, cls: type[T], *, path: str) -> T:
     """Structure ``data`` into ``cls``; errors become :class:`ConfigError` naming the path."""
     if isinstance(data, cls):

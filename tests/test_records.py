@@ -14,8 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 import kdcore as kd
-from kdcore.plugin import Recordable
-from tests.conftest import TinyNet, make_teacher
+import kdcore.cli
+from kdcore.plugin import ModeRecord, Recordable
+from tests.conftest import TinyNet, crafted_manifest, make_teacher, write_raw
 
 
 def manifest_modes(path: Path) -> list[dict[str, Any]]:
@@ -138,3 +139,29 @@ def test_check_refuses_what_convert_refuses() -> None:
         kd.convert(TinyNet(), [("kd_loss", config)])
     with pytest.raises(kd.ConfigError, match=r"kd_loss\.criterion\.teacher: with several teachers"):
         kd.check([("kd_loss", config)])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("student_class", 5), ("kdcore_version", ["0.1.0"])], ids=str
+)
+def test_every_manifest_key_is_checked_against_its_type(
+    key: str, value: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_raw(
+        tmp_path / "damaged.safetensors",
+        TinyNet().state_dict(),
+        {"kdcore": json.dumps(crafted_manifest(**{key: value}))},
+    )
+    with pytest.raises(kd.CheckpointFormatError, match=f"manifest '{key}' has the wrong type"):
+        kd.restore(TinyNet(), path)
+    kdcore.cli.main(["inspect", str(path)])
+    assert f"manifest '{key}' has the wrong type" in capsys.readouterr().out
+
+
+def test_a_saved_manifest_reads_back_as_the_records_written(tmp_path: Path) -> None:
+    loss = {"name": "mse", "reduction": "sum"}
+    model = kd.convert(TinyNet(), [("kd_loss", {"teacher_model": make_teacher, "criterion": loss})])
+    path = kd.save(model, tmp_path / "run.safetensors")
+    (mode,) = manifest_modes(path)
+    assert ModeRecord(**{**mode, "missing": ()}) == model.mode_records[0]
+    assert mode["config"]["criterion"] == [{"student": "", "teacher": "", "loss": loss}]
