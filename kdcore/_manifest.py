@@ -50,24 +50,21 @@ class Manifest:
 
 
 #: The manifest's containers, and the JSON container each must be: cattrs would iterate a
-#: dict's keys as a list, or a string's characters as a tuple.
+#: dict's keys as a list, or a string's characters as a tuple. Inner types first: a hook takes
+#: its elements' hooks when it is made.
 _JSON_CONTAINERS: list[tuple[Any, type]] = [
-    (list[ModeRecord], list),
-    (tuple[tuple[str, str], ...], list),
     (tuple[str, str], list),
+    (tuple[tuple[str, str], ...], list),
     (dict[str, str], dict),
     (dict[str, Any], dict),
+    (ModeRecord, dict),
+    (list[ModeRecord], list),
 ]
 
 
 @functools.cache
 def _manifest_converter() -> cattrs.Converter:
     converter = project_converter().copy(forbid_extra_keys=False)
-    # kd.save writes every key of a mode record: one that is absent is damage, not a default.
-    # (Registered first: the list hook below takes the element hook when it is made.)
-    converter.register_structure_hook(
-        ModeRecord, _complete(ModeRecord, converter.get_structure_hook(ModeRecord))
-    )
     for cls, container in _JSON_CONTAINERS:
         hook = _only(container, converter.get_structure_hook(cls))
         converter.register_structure_hook_func(functools.partial(operator.eq, cls), hook)
@@ -78,20 +75,10 @@ def _only(container: type, structure: Any) -> Any:
     def hook(value: Any, cls: Any) -> Any:
         if not isinstance(value, container):
             raise TypeError(f"expected a {container.__name__}, got {type(value).__name__}")
-        return structure(value, cls)
-
-    return hook
-
-
-def _complete(cls: Any, structure: Any) -> Any:
-    keys = [field.name for field in attrs.fields(cls)]
-
-    def hook(value: Any, _: Any) -> Any:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected a dict, got {type(value).__name__}")
-        for key in keys:
-            if key not in value:
-                raise KeyError(key)
+        if attrs.has(cls):  # kd.save writes every key of a record: an absent one is damage
+            for field in attrs.fields(cls):
+                if field.name not in value:  # type: ignore[operator]  # a dict, checked above
+                    raise KeyError(field.name)
         return structure(value, cls)
 
     return hook
@@ -170,11 +157,12 @@ def _problem(where: tuple[Any, ...], manifest: dict[str, Any]) -> str:
     key, *inner = where or ("",)
     if key == "modes" and inner:
         index = inner[0]
-        if inner[1:2] == ["missing"] and len(inner) > 2:
-            entry = manifest["modes"][index]["missing"][inner[2]]
+        mode = manifest["modes"][index]
+        missing = mode.get("missing") if isinstance(mode, dict) else None
+        if inner[1:2] == ["missing"] and len(inner) > 2 and isinstance(missing, list):
             return (
-                f"manifest modes[{index}].missing holds {reprlib.repr(entry)}; expected "
-                "[config path, reason] pairs of strings"
+                f"manifest modes[{index}].missing holds {reprlib.repr(missing[inner[2]])}; "
+                "expected [config path, reason] pairs of strings"
             )
         return f"manifest modes[{index}] is malformed"
     if key == "aliases" and inner:
