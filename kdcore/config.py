@@ -1,7 +1,8 @@
 """Config classes of the built-in distillation modes (plain data; see :mod:`kdcore.converter`).
 
 The converter turns what a user writes into these types: every accepted criterion form into
-one list of :class:`CriterionEntry`, each ``{"name": ...}`` mapping into a :class:`PluginRef`.
+one list of :class:`CriterionEntry`, each ``{"name": ...}`` mapping into a :class:`PluginRef`,
+each teacher call into a :class:`TeacherCall`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,26 @@ class CriterionEntry:
     where: str = attrs.field(default="", eq=False, repr=False, kw_only=True)
 
 
+@attrs.frozen
+class TeacherCall:
+    """A teacher built by a call, ``fn(*args, **kwargs)``: what the forms ``fn``, ``(fn,)``,
+    ``(fn, args)`` and ``(fn, args, kwargs)`` of ``teacher_model`` mean."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = attrs.field(factory=dict)
+
+
+TEACHER_FORMS = (
+    "an nn.Module, a class or callable returning one, a tuple (fn,), (fn, args) or "
+    "(fn, args, kwargs), a teacher-loader mapping {'name': ..., ...}, or several teachers "
+    "as {key: spec}"
+)
+#: What ``teacher_model`` accepts (:data:`TEACHER_FORMS`); the converter makes each a
+#: :class:`PluginRef`, a :class:`TeacherCall`, an ``nn.Module`` or ``{key: spec}`` of those.
+TeacherSpec = Union[  # noqa: UP007
+    PluginRef, TeacherCall, Mapping[str, Any], tuple[Any, ...], Callable[..., Any]
+]
 #: What ``criterion`` accepts; the converter turns each form into ``list[CriterionEntry]``.
 CriterionSpec = Union[  # noqa: UP007 (a runtime object: cattrs dispatches on it)
     list[CriterionEntry], Mapping[Any, Any], Sequence[Any], Callable[..., Any]
@@ -62,7 +83,7 @@ class KDLossConfig:
         hide the teacher from ``state_dict()`` (it is rebuilt from ``teacher_model``).
     """
 
-    teacher_model: Any
+    teacher_model: TeacherSpec
     criterion: CriterionSpec
     loss_balancer: BalancerSpec = None
     expose_minimal_state_dict: bool = True

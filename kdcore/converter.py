@@ -13,8 +13,17 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
+from torch import nn
 
-from kdcore.config import BalancerSpec, CriterionEntry, CriterionSpec, PluginRef
+from kdcore.config import (
+    TEACHER_FORMS,
+    BalancerSpec,
+    CriterionEntry,
+    CriterionSpec,
+    PluginRef,
+    TeacherCall,
+    TeacherSpec,
+)
 from kdcore.errors import (
     SHOWN_CHARACTERS,
     ConfigError,
@@ -102,6 +111,9 @@ def _converter() -> cattrs.Converter:
     )
     converter.register_structure_hook_func(
         lambda cls: cls == CriterionSpec, lambda value, _: _criterion(converter, value)
+    )
+    converter.register_structure_hook_func(
+        lambda cls: cls == TeacherSpec, lambda value, _: _teacher(value)
     )
     converter.register_structure_hook_func(
         lambda cls: cls == BalancerSpec,
@@ -207,6 +219,59 @@ def _criterion(converter: cattrs.Converter, value: Any) -> list[CriterionEntry]:
             entries.append(attrs.evolve(entry, where=where))
         return entries
     raise ConfigTypeError(f"expected a loss or layer pairs, got {type(value).__name__}")
+
+
+def _teacher(value: Any) -> Any:
+    """A teacher spec as a PluginRef, a TeacherCall, an nn.Module or ``{key: spec}``."""
+    if isinstance(value, (PluginRef, TeacherCall, nn.Module)):
+        return value
+    if value is None:
+        raise ConfigError("is required: " + TEACHER_FORMS)
+    if is_plugin_ref(value):
+        return _plugin_ref(value, "teacher loader")
+    if isinstance(value, Mapping):  # several teachers
+        if not value:
+            raise ConfigError("has no teachers; give one spec or {key: spec}")
+        teachers = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ConfigError(
+                    "teacher keys must be identifiers (they prefix layer names), got "
+                    f"{shown(key)}; a teacher-loader mapping needs a 'name' key"
+                )
+            try:
+                teachers[key] = _teacher(item)
+            except Exception as exc:
+                raise _Within(f".{key}", exc) from None
+        return teachers
+    if isinstance(value, tuple):
+        return _teacher_call(value)
+    if callable(value):
+        return TeacherCall(value)
+    raise ConfigTypeError(f"got {type(value).__name__}; expected {TEACHER_FORMS}")
+
+
+def _teacher_call(spec: tuple[Any, ...]) -> TeacherCall:
+    """``(fn,)``, ``(fn, args)`` or ``(fn, args, kwargs)``, checked."""
+    if not 1 <= len(spec) <= 3:
+        raise ConfigError(f"a tuple spec has 1 to 3 items (fn, args, kwargs), got {len(spec)}")
+    defaults: tuple[Any, ...] = ((), {})
+    fn, args, kwargs = spec + defaults[len(spec) - 1 :]
+    if not callable(fn):
+        raise ConfigTypeError(f"first item must be callable, got {type(fn).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise ConfigTypeError(f"args must be a tuple or list, got {type(args).__name__}")
+    if not isinstance(kwargs, Mapping):
+        raise ConfigTypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+    return TeacherCall(fn, tuple(args), dict(kwargs))
+
+
+def teacher_spec(spec: Any, *, path: str) -> Any:
+    """``teacher_model`` in any accepted form, typed (see :func:`_teacher`)."""
+    try:
+        return _converter().structure(spec, TeacherSpec)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise _config_error(exc, None, path) from None
 
 
 def criterion_entries(criterion: Any, *, path: str) -> list[CriterionEntry]:

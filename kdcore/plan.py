@@ -16,7 +16,7 @@ from torch import nn
 
 from kdcore.balancer import DistillationLossBalancer
 from kdcore.config import CriterionEntry, KDLossConfig
-from kdcore.converter import criterion_entries, instantiate, is_plugin_ref
+from kdcore.converter import criterion_entries, instantiate, is_plugin_ref, teacher_spec
 from kdcore.errors import (
     ConfigError,
     ConfigTypeError,
@@ -27,12 +27,7 @@ from kdcore.errors import (
 )
 from kdcore.plugin_manager import registries
 from kdcore.references import NotResolvedError
-from kdcore.teacher import (
-    TeacherEnsemble,
-    build_teacher,
-    check_teacher_spec,
-    is_ensemble_spec,
-)
+from kdcore.teacher import TeacherEnsemble, build_teacher, check_teacher_spec
 
 WHOLE_MODEL = ""
 CAPTURES = ("output", "input")
@@ -64,6 +59,8 @@ class DistillationPlan:
     pairs: tuple[LossPair, ...]
     balancer: DistillationLossBalancer | None
     expose_minimal_state_dict: bool
+    #: ``teacher_model`` as the converter typed it (what is recorded); None: not known
+    teacher_spec: Any = None
 
 
 def plan_distillation(
@@ -75,7 +72,8 @@ def plan_distillation(
     """
     _check_expose_flag(config, path)
     entries = criterion_entries(config.criterion, path=f"{path}.criterion")
-    teacher = build_teacher(config.teacher_model, path=f"{path}.teacher_model")
+    spec = teacher_spec(config.teacher_model, path=f"{path}.teacher_model")
+    teacher = build_teacher(spec, path=f"{path}.teacher_model")
     if teacher is student or (
         isinstance(teacher, TeacherEnsemble) and any(t is student for t in teacher.values())
     ):
@@ -93,7 +91,9 @@ def plan_distillation(
         for index, entry in enumerate(entries)
     ]
     balancer = _balancer_for([pair.key for pair in pairs], config.loss_balancer, path=path)
-    return DistillationPlan(teacher, tuple(pairs), balancer, config.expose_minimal_state_dict)
+    return DistillationPlan(
+        teacher, tuple(pairs), balancer, config.expose_minimal_state_dict, teacher_spec=spec
+    )
 
 
 def describe_distillation(
@@ -111,11 +111,9 @@ def describe_distillation(
     """
     _check_expose_flag(config, path)
     entries = criterion_entries(config.criterion, path=f"{path}.criterion")
-    lines = [
-        f"{path}:",
-        f"  teacher: {check_teacher_spec(config.teacher_model, path=f'{path}.teacher_model')}",
-    ]
-    ensemble = is_ensemble_spec(config.teacher_model)
+    spec = teacher_spec(config.teacher_model, path=f"{path}.teacher_model")
+    lines = [f"{path}:", f"  teacher: {check_teacher_spec(spec, path=f'{path}.teacher_model')}"]
+    ensemble = isinstance(spec, dict)
     keys = []
     for index, entry in enumerate(entries):
         student_layer, teacher_layer = entry.student, entry.teacher

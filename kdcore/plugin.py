@@ -34,7 +34,7 @@ from kdcore.checkpoint import (
     inspect_checkpoint,
     open_regular,
 )
-from kdcore.config import CriterionEntry, PluginRef
+from kdcore.config import CriterionEntry, PluginRef, TeacherCall
 from kdcore.config_files import read_config_file
 from kdcore.converter import instantiate, structure
 from kdcore.errors import did_you_mean, shown
@@ -71,6 +71,7 @@ __all__ = [
     "Recordable",
     "Registry",
     "RunLogger",
+    "TeacherCall",
     "TensorInfo",
     "UntrustedReferenceError",
     "atomic_write",

@@ -17,13 +17,13 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 from torch import nn
 
-from kdcore.config import KDLossConfig, PluginRef
-from kdcore.converter import PLUGIN_NAME_KEY, is_plugin_ref, unstructure
+from kdcore.config import KDLossConfig, PluginRef, TeacherCall
+from kdcore.converter import PLUGIN_NAME_KEY, is_plugin_ref, teacher_spec, unstructure
 from kdcore.plan import DistillationPlan
 from kdcore.plugin_manager import registries
 from kdcore.references import reference_of
 from kdcore.registry import Registry
-from kdcore.teacher import canonical_loader_spec, is_ensemble_spec, unpack_spec_tuple
+from kdcore.teacher import canonical_loader_spec
 
 
 class NotRecordableWarning(UserWarning):
@@ -89,9 +89,13 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
             missing.append((where, str(exc)))
             return None
 
-    teacher, teacher_is_instance = attempt(
-        f"{path}.teacher_model", _record_teacher, config.teacher_model
-    ) or (None, True)
+    spec = plan.teacher_spec
+    if spec is None:  # a plan made by hand
+        spec = teacher_spec(config.teacher_model, path=f"{path}.teacher_model")
+    teacher, teacher_is_instance = attempt(f"{path}.teacher_model", _record_teacher, spec) or (
+        None,
+        True,
+    )
     criterion = [
         {
             "student": pair.student_layer,
@@ -129,15 +133,15 @@ def record_distillation(config: KDLossConfig, plan: DistillationPlan, *, path: s
 
 
 def _record_teacher(spec: Any) -> tuple[Any, bool]:
-    """(the teacher spec as data, whether the weights must be saved because no spec rebuilds
-    them)."""
-    if is_ensemble_spec(spec):
+    """(the typed teacher spec as data, whether the weights must be saved because no spec
+    rebuilds them)."""
+    if isinstance(spec, dict):  # several teachers
         records = {key: _record_teacher(item) for key, item in spec.items()}
         return {key: record for key, (record, _) in records.items()}, any(
             weights for _, weights in records.values()
         )
-    if is_plugin_ref(spec):
-        return _data(canonical_loader_spec(spec), "the teacher-loader mapping"), False
+    if isinstance(spec, PluginRef):
+        return _data(unstructure(canonical_loader_spec(spec)), "the teacher-loader mapping"), False
     if isinstance(spec, nn.Module):
         try:
             return _callable_ref(type(spec), (), init_kwargs(spec)), True
@@ -146,10 +150,8 @@ def _record_teacher(spec: Any) -> tuple[Any, bool]:
                 f"the teacher was passed as an instance and {exc}; its weights are saved and "
                 "kd.restore will need teacher_model= (or pass a named factory instead)"
             ) from None
-    fn, args, kwargs = (
-        unpack_spec_tuple(spec, path="") if isinstance(spec, tuple) else (spec, (), {})
-    )
-    return _callable_ref(fn, args, kwargs), False
+    call: TeacherCall = spec
+    return _callable_ref(call.fn, call.args, call.kwargs), False
 
 
 def _callable_ref(fn: Any, args: Any, kwargs: Any) -> dict[str, Any]:

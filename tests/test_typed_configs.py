@@ -8,13 +8,13 @@ import pytest
 from torch import nn
 
 import kdcore as kd
-from kdcore.plugin import CriterionEntry, PluginRef, structure
+from kdcore.plugin import CriterionEntry, PluginRef, TeacherCall, structure
 from tests.conftest import TinyNet, make_teacher
 
 MSE = {"name": "mse", "reduction": "sum"}
 
 
-def structured(criterion: Any, **more: Any) -> kd.KDLossConfig:
+def structured(criterion: Any = MSE, **more: Any) -> kd.KDLossConfig:
     data = {"teacher_model": make_teacher, "criterion": criterion, **more}
     return structure(data, kd.KDLossConfig, path="kd_loss")
 
@@ -78,3 +78,43 @@ def test_a_config_object_given_in_python_is_recorded_like_a_config_file(tmp_path
     model = kd.convert(TinyNet(), [("kd_loss", config)])
     (record,) = model.mode_records
     assert record.config["criterion"] == [{"student": "fc2", "teacher": "fc2", "loss": MSE}]
+
+
+LOADER = {"name": "callable", "target": "tests.conftest:make_teacher"}
+TEACHER = TinyNet(16)
+
+
+@pytest.mark.parametrize(
+    ("spec", "typed"),
+    [
+        (make_teacher, TeacherCall(make_teacher)),
+        ((TinyNet,), TeacherCall(TinyNet)),
+        ((TinyNet, [16]), TeacherCall(TinyNet, (16,))),
+        ((TinyNet, (), {"width": 16}), TeacherCall(TinyNet, (), {"width": 16})),
+        (LOADER, PluginRef("callable", {"target": "tests.conftest:make_teacher"})),
+        (TEACHER, TEACHER),
+        ({"big": make_teacher, "own": TEACHER}, {"big": TeacherCall(make_teacher), "own": TEACHER}),
+    ],
+    ids=["callable", "fn", "fn-args", "fn-args-kwargs", "loader", "instance", "several"],
+)
+def test_every_teacher_form_becomes_a_typed_spec(spec: Any, typed: Any) -> None:
+    assert structured(teacher_model=spec).teacher_model == typed
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"big": (TinyNet, 16)}, r"kd_loss\.teacher_model\.big: args must be a tuple or list"),
+        (
+            {"big": {"name": 3}},
+            r"kd_loss\.teacher_model\.big\.name: expected the name of a teacher",
+        ),
+        ({"1x": make_teacher}, r"kd_loss\.teacher_model: teacher keys must be identifiers"),
+        (None, r"kd_loss\.teacher_model: is required: an nn\.Module"),
+    ],
+)
+def test_teacher_errors_name_the_path_the_user_wrote(spec: Any, message: str) -> None:
+    with pytest.raises(kd.ConfigError, match=message):
+        structured(teacher_model=spec)
+    with pytest.raises(kd.ConfigError, match=message):
+        kd.convert(TinyNet(), [("kd_loss", kd.KDLossConfig(teacher_model=spec, criterion=MSE))])
