@@ -58,7 +58,12 @@ def torchrun(job: Path, *options: str) -> subprocess.CompletedProcess[str]:
 
 def step_losses(metrics: Path) -> list[dict[str, float]]:
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [r for r in records if "loss" in r]
+    # Throughput is measured, not computed: it differs between any two runs.
+    return [
+        {key: value for key, value in r.items() if key != "examples_per_second"}
+        for r in records
+        if "loss" in r
+    ]
 
 
 def max_difference(a: list[dict[str, float]], b: list[dict[str, float]]) -> float:
