@@ -49,7 +49,7 @@ import kdcore
 def plugin_modules():
     return sorted(m for m in sys.modules if m.split(".")[0] == "kdcore_builtins")
 after_import = plugin_modules()
-import kdcore.plugin_manager as pm
+import kdcore._plugin_manager as pm
 host_made = pm._default_host is not None
 t0 = time.perf_counter()
 kdcore.LogitsDistillationLoss  # first use: discovers entry points, imports the plugins

@@ -154,7 +154,7 @@ from save_restore import build
 torch.set_num_threads({threads})
 # Import what the operations import on first use (plugins, DCP), outside the measurement.
 import torch.distributed.checkpoint
-from kdcore.plugin_manager import registries
+from kdcore import registries
 registries()
 def status(key):
     with open("/proc/self/status") as f:

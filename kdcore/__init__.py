@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kdcore.balancer import DistillationLossBalancer, StudentLossWeightWarning
-from kdcore.checkpoint import (
+from kdcore._balancer import DistillationLossBalancer, StudentLossWeightWarning
+from kdcore._checkpoint import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointMismatchError,
@@ -28,9 +28,9 @@ from kdcore.checkpoint import (
     restore,
     save,
 )
-from kdcore.config import KDLossConfig, LayerwiseKDConfig
-from kdcore.config_files import load_config
-from kdcore.errors import (
+from kdcore._config import KDLossConfig, LayerwiseKDConfig
+from kdcore._config_files import load_config
+from kdcore._errors import (
     ConfigError,
     ConfigTypeError,
     CriterionError,
@@ -42,13 +42,13 @@ from kdcore.errors import (
     UnknownNameError,
     UnknownPluginError,
 )
-from kdcore.hookspecs import hookimpl
-from kdcore.layerwise import LayerwiseDistillationModel
-from kdcore.model import DistillationModel, DuplicateCaptureWarning
-from kdcore.modes import NotADistillationModelWarning, check, convert, export
-from kdcore.plugin_manager import PluginHost, PluginWarning, registries, use_host
-from kdcore.record import NotRecordableWarning
-from kdcore.references import UntrustedReferenceError, teacher_factory
+from kdcore._hookspecs import hookimpl
+from kdcore._layerwise import LayerwiseDistillationModel
+from kdcore._model import DistillationModel, DuplicateCaptureWarning
+from kdcore._modes import NotADistillationModelWarning, check, convert, export
+from kdcore._plugin_manager import PluginHost, PluginWarning, registries, use_host
+from kdcore._record import NotRecordableWarning
+from kdcore._references import UntrustedReferenceError, teacher_factory
 
 __version__ = "0.1.0"
 

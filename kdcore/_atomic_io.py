@@ -1,6 +1,6 @@
 """Writing a file atomically and reading one safely: ``atomic_write`` (temporary file, fsync,
 rename, with locks so that a writer never removes another live writer's temporary file),
-``open_regular`` and ``fsync_folder``. Public through :mod:`kdcore.checkpoint`.
+``open_regular`` and ``fsync_folder``. Public through :mod:`kdcore._checkpoint`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from kdcore._checkpoint_backend import (
     CheckpointFormatError,
     CheckpointWriteError,
 )
-from kdcore.errors import KDCoreError
+from kdcore._errors import KDCoreError
 
 
 @contextlib.contextmanager

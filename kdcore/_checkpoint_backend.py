@@ -1,5 +1,5 @@
 """The contract between kdcore and a checkpoint backend: what a backend plugin registers, what
-an open checkpoint offers, and the errors either raises. Public through :mod:`kdcore.checkpoint`.
+an open checkpoint offers, and the errors either raises. Public through :mod:`kdcore._checkpoint`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import attrs
 import torch
 
-from kdcore.errors import KDCoreError
+from kdcore._errors import KDCoreError
 
 
 class CheckpointError(KDCoreError, ValueError):

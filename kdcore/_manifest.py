@@ -21,9 +21,9 @@ from kdcore._checkpoint_backend import (
     CheckpointFormatError,
     CheckpointVersionError,
 )
-from kdcore.converter import project_converter
-from kdcore.record import ModeRecord
-from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
+from kdcore._converter import project_converter
+from kdcore._record import ModeRecord
+from kdcore._strict_json import DuplicateKeyError, no_duplicate_keys
 
 if TYPE_CHECKING:
     import cattrs

@@ -20,7 +20,7 @@ from kdcore._checkpoint_backend import (
     TensorInfo,
     dtype_kind,
 )
-from kdcore.references import reference_of
+from kdcore._references import reference_of
 
 OPTIMIZER_PREFIX = "__optimizer__."
 

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
-    from kdcore.errors import KDCoreError
+    from kdcore._errors import KDCoreError
 
     try:
         return handler(args)
@@ -118,7 +118,7 @@ def plugin_report() -> dict[str, Any]:
 
     import attrs
 
-    from kdcore.plugin_manager import PluginWarning, current_host
+    from kdcore._plugin_manager import PluginWarning, current_host
 
     host = current_host()
     # Loading happens on first use; what goes wrong while loading belongs in the report. A host
@@ -265,10 +265,10 @@ def _import_from_current_folder() -> None:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from kdcore.config_files import load_config, read_config_file
-    from kdcore.errors import ConfigTypeError
-    from kdcore.modes import check
-    from kdcore.references import resolve
+    from kdcore._config_files import load_config, read_config_file
+    from kdcore._errors import ConfigTypeError
+    from kdcore._modes import check
+    from kdcore._references import resolve
     from kdcore.training.config import TRAIN_TABLE, load_job
     from kdcore.training.loop import job_factory
 
@@ -334,7 +334,7 @@ def _probe_shapes(modes: list[tuple[str, Any]], student: Any, train: Any) -> str
     import torch
 
     import kdcore as kd
-    from kdcore.errors import ConfigError
+    from kdcore._errors import ConfigError
     from kdcore.plugin import is_distillation_model
     from kdcore.training.loop import first_batch
 
@@ -394,7 +394,7 @@ def _errors_from(config: str, *others: str) -> Iterator[None]:
     """Errors about the config's values start with the config file, as ``load_job``'s do; those
     that name another file already (``others``: a checkpoint) or the ``--resume`` option are
     left as they are."""
-    from kdcore.errors import ConfigError, UnknownNameError
+    from kdcore._errors import ConfigError, UnknownNameError
 
     try:
         yield
@@ -428,7 +428,7 @@ def _add_inspect_command(subparsers: Any) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> int:
 
-    from kdcore.checkpoint import inspect_checkpoint
+    from kdcore._checkpoint import inspect_checkpoint
 
     summary = inspect_checkpoint(args.path)
     if args.json:
@@ -632,7 +632,7 @@ def _add_new_plugin_command(subparsers: Any) -> None:
 
 
 def _run_new_plugin(args: argparse.Namespace) -> int:
-    from kdcore.scaffold import new_plugin
+    from kdcore._scaffold import new_plugin
 
     package = new_plugin(args.name, args.kind, args.directory)
     for path in sorted(p for p in package.rglob("*") if p.is_file()):
@@ -643,7 +643,7 @@ def _run_new_plugin(args: argparse.Namespace) -> int:
 
 def _refuse_an_earlier_run(job: str, output: Path) -> None:
     """A job's output folder holding files is an earlier run's, which a new run would mix with."""
-    from kdcore.errors import ConfigError
+    from kdcore._errors import ConfigError
     from kdcore.training.resume import latest_checkpoint
 
     held = sorted(p.name for p in output.iterdir()) if output.is_dir() else []

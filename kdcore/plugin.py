@@ -19,7 +19,7 @@ where it is defined.
 
 from __future__ import annotations
 
-from kdcore.checkpoint import (
+from kdcore._checkpoint import (
     CheckpointBackend,
     CheckpointError,
     CheckpointFormatError,
@@ -34,20 +34,20 @@ from kdcore.checkpoint import (
     inspect_checkpoint,
     open_regular,
 )
-from kdcore.config import CriterionEntry, PluginRef, TeacherCall
-from kdcore.config_files import read_config_file
-from kdcore.converter import instantiate, structure
-from kdcore.errors import did_you_mean, shown
-from kdcore.hookspecs import hookimpl
-from kdcore.model import DistillationState, gather_fsdp2, is_distillation_model
-from kdcore.modes import Mode
-from kdcore.plan import DistillationPlan, LossPair, describe_distillation, plan_distillation
-from kdcore.plugin_manager import PluginWarning
-from kdcore.record import ModeRecord, Recordable, record_distillation
-from kdcore.references import UntrustedReferenceError, reference_of, resolve, teacher_factory
-from kdcore.registry import Provider, Registry
-from kdcore.run_logger import RunLogger
-from kdcore.strict_json import DuplicateKeyError, no_duplicate_keys
+from kdcore._config import CriterionEntry, PluginRef, TeacherCall
+from kdcore._config_files import read_config_file
+from kdcore._converter import instantiate, structure
+from kdcore._errors import did_you_mean, shown
+from kdcore._hookspecs import hookimpl
+from kdcore._model import DistillationState, gather_fsdp2, is_distillation_model
+from kdcore._modes import Mode
+from kdcore._plan import DistillationPlan, LossPair, describe_distillation, plan_distillation
+from kdcore._plugin_manager import PluginWarning
+from kdcore._record import ModeRecord, Recordable, record_distillation
+from kdcore._references import UntrustedReferenceError, reference_of, resolve, teacher_factory
+from kdcore._registry import Provider, Registry
+from kdcore._run_logger import RunLogger
+from kdcore._strict_json import DuplicateKeyError, no_duplicate_keys
 
 __all__ = [
     "CheckpointBackend",

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kdcore.errors import ConfigError, ConfigTypeError, shown
+from kdcore._errors import ConfigError, ConfigTypeError, shown
 
 #: The label of positions that do not count (prompt, padding), as PyTorch and Hugging Face use it.
 IGNORE_INDEX = -100

@@ -498,7 +498,7 @@ def test_a_third_party_modes_config_is_recorded_and_replayed(
 ) -> None:
     import attrs
 
-    from kdcore.plugin_manager import PluginHost
+    from kdcore import PluginHost
 
     @attrs.define
     class ScaleConfig:
@@ -535,7 +535,7 @@ def test_a_third_party_modes_config_is_recorded_and_replayed(
 def test_inspect_summarises_the_manifest_and_tensor_groups(
     tmp_path: Path, batch: torch.Tensor
 ) -> None:
-    from kdcore.checkpoint import inspect_checkpoint
+    from kdcore.plugin import inspect_checkpoint
 
     model, optimizer = trained(batch, expose_minimal_state_dict=False)
     path = kd.save(model, tmp_path / "run.safetensors", optimizer=optimizer)

@@ -184,7 +184,7 @@ def test_plugins_verbose_shows_registered_objects(
     main(["plugins", "--verbose"])
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["KIND", "NAME", "PLUGIN", "DISTRIBUTION", "OBJECT"]
-    assert "kdcore.distillation_modes:DistillationMode instance" in out
+    assert "kdcore._distillation_modes:DistillationMode instance" in out
 
 
 def test_no_subcommand_prints_help_and_returns_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,7 +141,7 @@ def test_the_core_modes_cannot_be_disabled() -> None:
 
 
 def test_layerwise_distillation_model_is_a_core_class() -> None:
-    assert kd.LayerwiseDistillationModel.__module__ == "kdcore.layerwise"
+    assert kd.LayerwiseDistillationModel.__module__ == "kdcore._layerwise"
     assert issubclass(kd.LayerwiseDistillationModel, kd.DistillationModel)
 
 

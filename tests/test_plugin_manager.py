@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 import kdcore as kd
-from kdcore.plugin_manager import PluginHost, PluginWarning
-from kdcore.registry import Provider, Registry
+from kdcore import PluginHost, PluginWarning
+from kdcore.plugin import Provider, Registry
 
 
 def make_distribution(root: Path, dist: str, plugins: dict[str, str]) -> None:

@@ -36,8 +36,8 @@ from hypothesis import HealthCheck, given, settings
 from torch import nn
 
 import kdcore as kd
-from kdcore.checkpoint import inspect_checkpoint
 from kdcore.cli import main
+from kdcore.plugin import inspect_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fork, FIFOs and flock are POSIX")
 

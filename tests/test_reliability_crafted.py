@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import kdcore as kd
-from kdcore.checkpoint import inspect_checkpoint
 from kdcore.cli import main
+from kdcore.plugin import inspect_checkpoint
 from tests.conftest import JSON, TinyNet, crafted_manifest, manifests, write_raw
 from tests.test_plugin_manager import make_distribution
 

@@ -75,7 +75,7 @@ def test_check_by_default_imports_and_calls_nothing_the_config_names(tmp_path: P
         f"""
         import sys
         from kdcore.cli import main
-        from kdcore.plugin_manager import registries
+        from kdcore import registries
         registries()  # the installed plugins load as for any command
         before = set(sys.modules)
         status = main(["check", {str(config)!r}])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kdcore as kd
-from kdcore.plugin_manager import PluginHost, PluginWarning
+from kdcore import PluginHost, PluginWarning
 from tests.conftest import TinyNet, make_teacher
 from tests.test_plugin_manager import COSINE, make_distribution
 

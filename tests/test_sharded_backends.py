@@ -24,7 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 import kdcore as kd
-from kdcore.plugin_manager import registries
+from kdcore import registries
 from tests.conftest import TinyNet, disk_full_after, make_teacher, write_raw
 
 LABELS = torch.tensor([0, 1, 2, 0, 1])
@@ -805,7 +805,7 @@ FSDP2_SCRIPT = textwrap.dedent(
     import torch.multiprocessing as mp
     from torch import nn
     import kdcore as kd
-    from kdcore.plugin_manager import registries
+    from kdcore import registries
 
     def build():
         torch.manual_seed(0)
@@ -830,7 +830,7 @@ FSDP2_SCRIPT = textwrap.dedent(
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.mul_(2.0)
-        # kd.save itself cannot take DTensors yet (kdcore.checkpoint._deduplicated): the backend
+        # kd.save itself cannot take DTensors yet (kdcore._checkpoint._deduplicated): the backend
         # is called the way kd.save calls it.
         backend = registries().checkpoint_backends.get("torch-dcp")
         backend.write(Path(folder), model.state_dict(), MANIFEST)

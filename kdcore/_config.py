@@ -1,4 +1,4 @@
-"""Config classes of the built-in distillation modes (plain data; see :mod:`kdcore.converter`).
+"""Config classes of the built-in distillation modes (plain data; see :mod:`kdcore._converter`).
 
 The converter turns what a user writes into these types: every accepted criterion form into
 one list of :class:`CriterionEntry`, each ``{"name": ...}`` mapping into a :class:`PluginRef`,

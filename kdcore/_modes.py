@@ -14,12 +14,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
-from kdcore.converter import check_size, structure
-from kdcore.errors import ConfigError, ConfigTypeError, shown
-from kdcore.model import gather_fsdp2, is_distillation_model
-from kdcore.plugin_manager import registries
-from kdcore.record import record_mode
-from kdcore.references import not_resolving
+from kdcore._converter import check_size, structure
+from kdcore._errors import ConfigError, ConfigTypeError, shown
+from kdcore._model import gather_fsdp2, is_distillation_model
+from kdcore._plugin_manager import registries
+from kdcore._record import record_mode
+from kdcore._references import not_resolving
 
 
 @runtime_checkable

@@ -8,8 +8,8 @@ from typing import Any, cast
 import attrs
 from torch import nn
 
-from kdcore.model import DistillationModel, DistillationState
-from kdcore.plan import DistillationPlan
+from kdcore._model import DistillationModel, DistillationState
+from kdcore._plan import DistillationPlan
 
 LM_HEAD = "lm_head"
 

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kdcore.errors import ConfigError, ConfigTypeError, KDCoreError, cut, shown
-from kdcore.modes import check
+from kdcore._errors import ConfigError, ConfigTypeError, KDCoreError, cut, shown
+from kdcore._modes import check
 
 READERS = {".toml": "TOML", ".json": "JSON", ".yaml": "YAML", ".yml": "YAML"}
 

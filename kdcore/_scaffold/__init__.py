@@ -10,8 +10,8 @@ import re
 from pathlib import Path
 from string import Template
 
-from kdcore.errors import ConfigError, did_you_mean
-from kdcore.scaffold import _backend, _balancer, _criterion, _teacher_loader
+from kdcore._errors import ConfigError, did_you_mean
+from kdcore._scaffold import _backend, _balancer, _criterion, _teacher_loader
 
 #: kind -> the template module (MODULE, TESTS, USAGE)
 KINDS = {

@@ -1,6 +1,6 @@
 """The hooks a kdcore plugin may implement.
 
-Every hook receives a :class:`~kdcore.registry.Registry` and calls ``registry.add(name, obj)``
+Every hook receives a :class:`~kdcore._registry.Registry` and calls ``registry.add(name, obj)``
 for each thing it provides::
 
     import kdcore
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from kdcore.registry import Registry
+    from kdcore._registry import Registry
 
 PROJECT_NAME = "kdcore"
 
@@ -60,7 +60,7 @@ def kdcore_register_checkpoint_backends(registry: Registry) -> None:
     """Register checkpoint backends.
 
     :param registry: ``registry.add(name, backend)`` with an object implementing
-        :class:`~kdcore.checkpoint.CheckpointBackend`.
+        :class:`~kdcore._checkpoint.CheckpointBackend`.
     """
 
 
@@ -69,7 +69,7 @@ def kdcore_register_modes(registry: Registry) -> None:
     """Register conversion modes.
 
     :param registry: ``registry.add(name, mode)`` with an object implementing
-        :class:`~kdcore.modes.Mode`; ``kd.convert(model, [(name, config)])`` applies it.
+        :class:`~kdcore._modes.Mode`; ``kd.convert(model, [(name, config)])`` applies it.
     """
 
 

@@ -1,6 +1,6 @@
 """The project's one cattrs converter and the rules for turning data into configs and plugins.
 
-Serialisation rules live here, apart from the config classes in :mod:`kdcore.config`.
+Serialisation rules live here, apart from the config classes in :mod:`kdcore._config`.
 Every error says where the bad value is (``kd_loss.criterion[1].loss.temprature``).
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 from torch import nn
 
-from kdcore.config import (
+from kdcore._config import (
     TEACHER_FORMS,
     BalancerSpec,
     CriterionEntry,
@@ -24,7 +24,7 @@ from kdcore.config import (
     TeacherCall,
     TeacherSpec,
 )
-from kdcore.errors import (
+from kdcore._errors import (
     SHOWN_CHARACTERS,
     ConfigError,
     ConfigTypeError,
@@ -33,8 +33,8 @@ from kdcore.errors import (
     did_you_mean,
     shown,
 )
-from kdcore.references import resolve
-from kdcore.registry import Registry
+from kdcore._references import resolve
+from kdcore._registry import Registry
 
 if TYPE_CHECKING:
     import cattrs
@@ -131,7 +131,7 @@ class _Within(Exception):
 
 
 def _plugin_ref(value: Any, kind: str) -> PluginRef:
-    """``{"name": ..., **kwargs}`` as a :class:`~kdcore.config.PluginRef`."""
+    """``{"name": ..., **kwargs}`` as a :class:`~kdcore._config.PluginRef`."""
     if isinstance(value, PluginRef):
         return value
     if not isinstance(value, Mapping) or PLUGIN_NAME_KEY not in value:
@@ -375,7 +375,7 @@ def _config_error(exc: BaseException, cls: Any, path: str) -> ConfigError:
 
 
 def is_plugin_ref(value: object) -> bool:
-    """A plugin reference is a :class:`~kdcore.config.PluginRef`, or a mapping whose ``name``
+    """A plugin reference is a :class:`~kdcore._config.PluginRef`, or a mapping whose ``name``
     picks a registered plugin."""
     return isinstance(value, PluginRef) or (isinstance(value, Mapping) and PLUGIN_NAME_KEY in value)
 

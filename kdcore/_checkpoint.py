@@ -35,6 +35,7 @@ from kdcore._checkpoint_backend import (
     TensorInfo,
     dtype_kind,
 )
+from kdcore._errors import KDCoreError
 from kdcore._manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -46,6 +47,8 @@ from kdcore._manifest import (
     parse_manifest,
     recorded_config_problems,
 )
+from kdcore._model import BALANCER, LOSS_MODULES, TEACHER, is_distillation_model
+from kdcore._modes import convert, export, unwrap
 from kdcore._optimizer_state import (
     OPTIMIZER_PREFIX,
     check_optimizer,
@@ -53,13 +56,10 @@ from kdcore._optimizer_state import (
     optimizer_manifest,
     optimizer_state,
 )
-from kdcore.errors import KDCoreError
-from kdcore.model import BALANCER, LOSS_MODULES, TEACHER, is_distillation_model
-from kdcore.modes import convert, export, unwrap
-from kdcore.plugin_manager import BUILTIN_DISTRIBUTION, PluginWarning, registries
-from kdcore.record import ModeRecord, NotRecordableWarning
-from kdcore.references import TrustPolicy, reference_of, restoring
-from kdcore.registry import Provider
+from kdcore._plugin_manager import BUILTIN_DISTRIBUTION, PluginWarning, registries
+from kdcore._record import ModeRecord, NotRecordableWarning
+from kdcore._references import TrustPolicy, reference_of, restoring
+from kdcore._registry import Provider
 
 # What plugins and users import from here; the rest lives in the private modules above.
 __all__ = [
@@ -182,7 +182,7 @@ def restore(
     ``model`` is a fresh student (a saved distillation model is rebuilt around it: teacher from
     its recorded spec or ``teacher_model=``, criteria and balancer from the registries) or a model
     already converted with the same config. Code the file names runs only if trusted (see
-    :mod:`kdcore.references`); ``trust`` adds ``"module:qualname"`` strings or objects.
+    :mod:`kdcore._references`); ``trust`` adds ``"module:qualname"`` strings or objects.
     Every check runs before the model changes; on error the model is left as it was.
     """
     path = Path(path)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from kdcore.errors import ConfigError, KDCoreError, did_you_mean, shown
+from kdcore._errors import ConfigError, KDCoreError, did_you_mean, shown
 
 F = TypeVar("F", bound=Callable[..., Any])
 

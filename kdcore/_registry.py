@@ -8,7 +8,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from kdcore.errors import (
+from kdcore._errors import (
     ConfigTypeError,
     PluginConflictError,
     PluginError,

@@ -14,10 +14,10 @@ from typing import Any
 import attrs
 from torch import nn
 
-from kdcore.balancer import DistillationLossBalancer
-from kdcore.config import CriterionEntry, KDLossConfig
-from kdcore.converter import criterion_entries, instantiate, is_plugin_ref, teacher_spec
-from kdcore.errors import (
+from kdcore._balancer import DistillationLossBalancer
+from kdcore._config import CriterionEntry, KDLossConfig
+from kdcore._converter import criterion_entries, instantiate, is_plugin_ref, teacher_spec
+from kdcore._errors import (
     ConfigError,
     ConfigTypeError,
     UnknownLayerError,
@@ -25,9 +25,9 @@ from kdcore.errors import (
     did_you_mean,
     shown,
 )
-from kdcore.plugin_manager import registries
-from kdcore.references import NotResolvedError
-from kdcore.teacher import TeacherEnsemble, build_teacher, check_teacher_spec
+from kdcore._plugin_manager import registries
+from kdcore._references import NotResolvedError
+from kdcore._teacher import TeacherEnsemble, build_teacher, check_teacher_spec
 
 WHOLE_MODEL = ""
 CAPTURES = ("output", "input")

@@ -1,7 +1,7 @@
 """Finding plugins and collecting what they register.
 
 Everything swappable in kdcore, the built-ins included, arrives through the ``kdcore``
-entry-point group and the hooks in :mod:`kdcore.hookspecs`; the core's own modes register
+entry-point group and the hooks in :mod:`kdcore._hookspecs`; the core's own modes register
 through the same hooks. Loading happens on first use,
 not on ``import kdcore``, in one function: :meth:`PluginHost._load`.
 """
@@ -19,15 +19,15 @@ from typing import Any
 import attrs
 import pluggy
 
-from kdcore import hookspecs
-from kdcore.errors import PluginError
-from kdcore.registry import Provider, Registry
+from kdcore import _hookspecs as hookspecs
+from kdcore._errors import PluginError
+from kdcore._registry import Provider, Registry
 
 DISABLE_ENV_VAR = "KDCORE_DISABLE_PLUGINS"
 ENTRY_POINT_GROUP = "kdcore"
 BUILTIN_DISTRIBUTION = "kdcore"  # the distribution of kdcore's own plugins (kdcore_builtins)
 # The core's own plugin modules: registered in every host like any plugin, but never blocked.
-CORE_PLUGINS = {"core": "kdcore.distillation_modes"}
+CORE_PLUGINS = {"core": "kdcore._distillation_modes"}
 
 
 class PluginWarning(UserWarning):

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from kdcore.balancer import STUDENT_LOSS_KEY, DistillationLossBalancer, StudentLossWeightWarning
-from kdcore.errors import CriterionError, DistillationStateError, KDCoreError, did_you_mean
-from kdcore.plan import WHOLE_MODEL, DistillationPlan, LossPair, loss_name, split_layer
+from kdcore._balancer import STUDENT_LOSS_KEY, DistillationLossBalancer, StudentLossWeightWarning
+from kdcore._errors import CriterionError, DistillationStateError, KDCoreError, did_you_mean
+from kdcore._plan import WHOLE_MODEL, DistillationPlan, LossPair, loss_name, split_layer
 
 if TYPE_CHECKING:
-    from kdcore.record import ModeRecord
+    from kdcore._record import ModeRecord
 
 TEACHER = "_teacher_model"
 LOSS_MODULES = "_loss_modules"
@@ -127,7 +127,7 @@ class DistillationModel(nn.Module):
     ) -> DistillationModel:
         """Turn ``student`` (in place) into an instance of ``cls`` following a checked plan.
 
-        ``record`` is the mode's config as data (see :func:`kdcore.record.record_distillation`),
+        ``record`` is the mode's config as data (see :func:`kdcore._record.record_distillation`),
         what ``kd.save`` writes so that ``kd.restore`` can convert again.
         """
         original_class = type(student)

@@ -17,13 +17,13 @@ from typing import Any, Protocol, runtime_checkable
 import attrs
 from torch import nn
 
-from kdcore.config import KDLossConfig, PluginRef, TeacherCall
-from kdcore.converter import PLUGIN_NAME_KEY, is_plugin_ref, teacher_spec, unstructure
-from kdcore.plan import DistillationPlan
-from kdcore.plugin_manager import registries
-from kdcore.references import reference_of
-from kdcore.registry import Registry
-from kdcore.teacher import canonical_loader_spec
+from kdcore._config import KDLossConfig, PluginRef, TeacherCall
+from kdcore._converter import PLUGIN_NAME_KEY, is_plugin_ref, teacher_spec, unstructure
+from kdcore._plan import DistillationPlan
+from kdcore._plugin_manager import registries
+from kdcore._references import reference_of
+from kdcore._registry import Registry
+from kdcore._teacher import canonical_loader_spec
 
 
 class NotRecordableWarning(UserWarning):

@@ -8,14 +8,14 @@ from typing import Any
 import attrs
 from torch import nn
 
-from kdcore.config import KDLossConfig, LayerwiseKDConfig
-from kdcore.errors import ConfigError
-from kdcore.hookspecs import hookimpl
-from kdcore.layerwise import LayerwiseDistillationModel
-from kdcore.model import DistillationModel
-from kdcore.plan import describe_distillation, plan_distillation
-from kdcore.record import record_distillation
-from kdcore.registry import Registry
+from kdcore._config import KDLossConfig, LayerwiseKDConfig
+from kdcore._errors import ConfigError
+from kdcore._hookspecs import hookimpl
+from kdcore._layerwise import LayerwiseDistillationModel
+from kdcore._model import DistillationModel
+from kdcore._plan import describe_distillation, plan_distillation
+from kdcore._record import record_distillation
+from kdcore._registry import Registry
 
 
 @attrs.frozen

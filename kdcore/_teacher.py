@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from kdcore.config import PluginRef, TeacherCall
-from kdcore.converter import check_kwargs, instantiate, teacher_spec
-from kdcore.errors import ConfigError, ConfigTypeError, shown
-from kdcore.plugin_manager import registries
-from kdcore.references import NotResolvedError
+from kdcore._config import PluginRef, TeacherCall
+from kdcore._converter import check_kwargs, instantiate, teacher_spec
+from kdcore._errors import ConfigError, ConfigTypeError, shown
+from kdcore._plugin_manager import registries
+from kdcore._references import NotResolvedError
 
 
 class TeacherEnsemble(nn.ModuleDict):
@@ -26,7 +26,7 @@ class TeacherEnsemble(nn.ModuleDict):
 
 def build_teacher(spec: Any, *, path: str) -> nn.Module:
     """Build the teacher described by ``spec`` (any accepted form; see
-    :func:`kdcore.converter.teacher_spec`); ``path`` names the config key in errors."""
+    :func:`kdcore._converter.teacher_spec`); ``path`` names the config key in errors."""
     return _build(teacher_spec(spec, path=path), path)
 
 
