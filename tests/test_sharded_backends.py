@@ -25,6 +25,7 @@ from torch import nn
 
 import kdcore as kd
 from kdcore import registries
+from kdcore.plugin import TensorInfo
 from tests.conftest import TinyNet, disk_full_after, make_teacher, write_raw
 
 LABELS = torch.tensor([0, 1, 2, 0, 1])
@@ -600,9 +601,7 @@ def test_dcp_reads_every_dtype_and_layout_without_unpickling(
     try:
         assert set(reader.tensors) == set(tensors)
         for name, tensor in tensors.items():
-            assert reader.tensors[name] == kd.checkpoint.TensorInfo(
-                tensor.dtype, tuple(tensor.shape)
-            )
+            assert reader.tensors[name] == TensorInfo(tensor.dtype, tuple(tensor.shape))
             loaded = reader.load(name)
             into = torch.empty_like(tensor)
             reader.load(name, out=into)
