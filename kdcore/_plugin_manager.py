@@ -83,8 +83,7 @@ class PluginHost:
         self.search_path = list(search_path) if search_path is not None else None
         self.direct_plugins = list(plugins)
         self.blocked = frozenset(blocked) if blocked is not None else blocked_from_environment()
-        self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        self.manager.add_hookspecs(hookspecs)
+        self.manager = _new_manager()
         self.providers: dict[str, Provider] = {}
         self._registries: Registries | None = None
 
@@ -97,6 +96,9 @@ class PluginHost:
     def _load(self) -> Registries:
         """The whole bootstrap: the core's plugins, then discover, block, import, register,
         then call the hooks."""
+        # Afresh each time: a load that failed (a PluginWarning turned into an error, say) must
+        # fail the same way when retried, not on the plugins it had registered already.
+        self.manager, self.providers = _new_manager(), {}
         for name, module in CORE_PLUGINS.items():
             self._register(importlib.import_module(module), Provider(name, BUILTIN_DISTRIBUTION))
         disabled = []
@@ -161,6 +163,12 @@ class PluginHost:
         if self._registries is not None:
             raise PluginError(f"cannot register plugin {name!r}: plugins were already loaded")
         self.direct_plugins.append((name, plugin))
+
+
+def _new_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    return manager
 
 
 def _path_kwargs(search_path: list[str] | None) -> dict[str, Any]:

@@ -514,8 +514,9 @@ def _add_distill_command(subparsers: Any) -> None:
             "mode tables (as for 'kdcore check') and a [train] table: student and data "
             "factories ('module:callable'), optimizer, learning_rate, epochs or steps, "
             "batch_size (the global batch), device, precision, grad_accumulation, output, "
-            "checkpoint_every, log_every, eval_every, seed, strategy. Writes checkpoints, "
-            "metrics.jsonl, the exported student and metrics.png (with matplotlib) to output, "
+            "checkpoint_every, log_every, eval_every, seed, strategy, loggers. Writes "
+            "checkpoints, the loggers' records (metrics.jsonl by default), the exported student "
+            "and metrics.png (with matplotlib) to output, "
             "which must be empty or new unless --resume or --overwrite. "
             "Under 'torchrun --nproc_per_node=N -m kdcore distill CONFIG' it trains "
             "data-parallel (strategy ddp or fsdp2). Without CONFIG, run the embedded demo "
@@ -637,7 +638,7 @@ def _run_new_plugin(args: argparse.Namespace) -> int:
     package = new_plugin(args.name, args.kind, args.directory)
     for path in sorted(p for p in package.rglob("*") if p.is_file()):
         print(f"wrote {path}")
-    print(f"next: pip install -e {package} && python -m pytest {package / 'tests'}")
+    print(f"next: cd {package} && pip install -e . && python -m pytest tests")
     return 0
 
 

@@ -52,7 +52,7 @@ def test_resume_with_an_edited_job_lists_each_change_and_refuses(
         "  kd_loss.criterion[0].loss.temperature: 2.0 -> 3",
         "restore those settings, or pass --force to resume with the new ones (these may change "
         "without --force: train.checkpoint_every, train.epochs, train.eval_every, "
-        "train.log_every, train.output, train.steps)",
+        "train.log_every, train.loggers, train.output, train.steps)",
     ]
 
 

@@ -76,8 +76,25 @@ def test_a_plugin_registered_later_appears_in_the_catalog() -> None:
 
     with kd.use_host(kd.PluginHost(plugins=[("extra", Extra())], blocked=())):
         pages = hook("catalog").catalog_pages()
-    section = pages["catalog/criteria.md"].split("## `extra_loss`")[1]
+    section = pages["catalog/criteria.md"].split("## `extra_loss`")[1].split("\n## ")[0]
     assert "A loss of a third party." in section and "| `scale` | `2.0` |" in section
+
+
+def test_the_catalog_shows_a_plugins_own_docstring_not_its_base_class() -> None:
+    class QuietBalancer(kd.DistillationLossBalancer):  # no docstring of its own
+        def forward(self, loss_dict: dict[str, Any]) -> Any:
+            return sum(loss_dict.values())
+
+    class Extra:
+        @kd.hookimpl
+        def kdcore_register_balancers(self, registry: Any) -> None:
+            registry.add("quiet", QuietBalancer)
+
+    with kd.use_host(kd.PluginHost(plugins=[("extra", Extra())], blocked=())):
+        pages = hook("catalog").catalog_pages()
+    section = pages["catalog/balancers.md"].split("## `quiet`")[1].split("\n## ")[0]
+    base = (kd.DistillationLossBalancer.__doc__ or "").strip().splitlines()[0]
+    assert base not in section
 
 
 def test_rest_in_docstrings_becomes_markdown() -> None:
@@ -88,3 +105,13 @@ def test_rest_in_docstrings_becomes_markdown() -> None:
         "Use it so:\n\n```python\nmodel = kd.convert(s)\n\nloss = 1\n```\n\n"
         "See `kdcore.Foo` and `x`."
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [("Use it so::", "Use it so:"), ("names. ::", "names."), ("::", "")],
+)
+def test_a_literal_block_marker_reads_as_rest_renders_it(line: str, shown: str) -> None:
+    pytest.importorskip("griffe")
+    markdown_of = hook("rest_docstrings").markdown_of
+    assert markdown_of(f"{line}\n\n    code").splitlines()[0] == shown

@@ -168,6 +168,15 @@ def test_a_third_party_logger_gets_every_record_with_its_options(
             r"train\.loggers\[0\]\.every: unknown key \(logger 'csv' takes: no arguments\)",
         ),
         ("[3]", r"train\.loggers\[0\]: expected a logger name"),
+        ('"jsonl"', r"train\.loggers: expected a list, e\.g\. \[\"jsonl\"\], got str"),
+        (
+            '["jsonl", "csv", "jsonl"]',
+            r"train\.loggers\[2\]: logger 'jsonl' is already loggers\[0\]",
+        ),
+        (
+            '[{ name = "tensorboard", flush_secs = -1 }]',
+            r"train\.loggers\[0\]: .*flush_secs must be",
+        ),
     ],
 )
 def test_a_bad_logger_is_refused_before_anything_runs(
@@ -194,3 +203,15 @@ def test_tensorboard_without_its_package_names_the_extra(
     job = job_with_loggers(tmp_path, '["tensorboard"]')
     assert cli.main(["distill", str(job)]) == 1
     assert "pip install 'kdcore[tensorboard]'" in capsys.readouterr().err
+
+
+def test_loggers_may_change_on_a_resume_and_a_new_one_starts_after_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    job = job_with_loggers(tmp_path, '["jsonl"]')
+    assert cli.main(["distill", str(job)]) == 0
+    job.write_text(job.read_text().replace('loggers = ["jsonl"]', 'loggers = ["jsonl", "csv"]'))
+    checkpoint = tmp_path / "job-out" / "step-3.safetensors"
+    assert cli.main(["distill", str(job), "--resume", str(checkpoint)]) == 0
+    with open(tmp_path / "job-out" / "metrics.csv", newline="") as file:
+        assert [int(r["step"]) for r in csv.DictReader(file) if r["loss"]] == [4, 5, 6]

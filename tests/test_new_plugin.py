@@ -76,6 +76,15 @@ def test_new_plugin_refuses_bad_input_and_writes_nothing(
     assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(("name", "kind"), [("logits", "criterion"), ("static", "balancer")])
+def test_new_plugin_refuses_a_name_an_installed_plugin_registers(
+    tmp_path: Path, name: str, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["new-plugin", name, "--kind", kind, "--directory", str(tmp_path)]) == 1
+    assert f"{name!r} is already registered by plugin" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_new_plugin_leaves_an_existing_package_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from torch import nn
 
 import kdcore as kd
 from kdcore import PluginHost, PluginWarning
@@ -237,3 +239,17 @@ def test_loading_order_is_deterministic(plugin_root: Path) -> None:
     host = host_for(plugin_root)
     host.registries  # noqa: B018
     assert list(host.providers) == ["kdcore:core", "acme-kd:b", "zeta-kd:a"]
+
+
+def test_a_load_that_failed_fails_the_same_way_when_retried() -> None:
+    class Clash:
+        @kd.hookimpl
+        def kdcore_register_criteria(self, registry: Any) -> None:
+            registry.add("mse", nn.MSELoss)  # a built-in name: a conflict warning
+
+    host = PluginHost(plugins=[("clash", Clash())], blocked=())
+    for _ in range(2):  # the warning made an error, as writing-a-plugin.md suggests
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PluginWarning)
+            with pytest.raises(PluginWarning, match="'mse' is registered by"):
+                host.registries  # noqa: B018 (the load is what is tested)

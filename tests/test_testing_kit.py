@@ -57,6 +57,17 @@ class PlainValueErrorLoss(nn.Module):
         return loss.mean() if self.reduction == "mean" else loss.sum()
 
 
+class RenamedArgumentLoss(nn.Module):
+    """Keeps its ``scale`` as ``factor``: an instance cannot be recorded."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.factor = scale
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
+        return self.factor * (student_output - teacher_output.detach()).pow(2).mean()
+
+
 class IgnoresNoLabelsLoss(nn.Module):
     """Takes labels but lets the -100 positions count."""
 
@@ -96,6 +107,7 @@ class BrokenPlugins:
         registry.add("teacher_gradient", TeacherGradientLoss)
         registry.add("plain_value_error", PlainValueErrorLoss)
         registry.add("ignores_no_labels", IgnoresNoLabelsLoss)
+        registry.add("renamed_argument", RenamedArgumentLoss)
 
     @kd.hookimpl
     def kdcore_register_balancers(self, registry: Any) -> None:
@@ -147,8 +159,11 @@ def test_a_loss_that_trains_the_teacher_fails_with_the_contract_name(
 
 def test_a_plain_value_error_for_a_bad_argument_fails(broken_host: kd.PluginHost) -> None:
     failed = failed_contracts(check_criterion, "plain_value_error", **FAST)
-    assert list(failed) == ["bad_reduction_is_a_kdcore_error", "reduction_none_is_unreduced"]
-    assert "should raise a kdcore error" in failed["bad_reduction_is_a_kdcore_error"]
+    assert list(failed) == ["bad_reduction_is_a_config_error", "reduction_none_is_unreduced"]
+    assert (
+        "should name the bad value 'no_such_reduction'"
+        in (failed["bad_reduction_is_a_config_error"])
+    )
     assert "ValueError: bad reduction" in failed["reduction_none_is_unreduced"]
 
 
@@ -156,6 +171,12 @@ def test_a_loss_counting_ignored_positions_fails(broken_host: kd.PluginHost) -> 
     failed = failed_contracts(check_criterion, "ignores_no_labels", **FAST)
     assert list(failed) == ["ignored_labels_contribute_nothing"]
     assert "-100" in failed["ignored_labels_contribute_nothing"]
+
+
+def test_a_loss_whose_instances_cannot_be_recorded_fails(broken_host: kd.PluginHost) -> None:
+    failed = failed_contracts(check_criterion, "renamed_argument", kwargs={"scale": 2.0}, **FAST)
+    assert list(failed) == ["an_instance_is_recordable"]
+    assert "kdcore_config()" in failed["an_instance_is_recordable"]
 
 
 def test_a_loss_registered_only_in_this_process_does_not_restore_elsewhere(
@@ -173,7 +194,8 @@ def test_an_unregistered_class_cannot_be_recorded(broken_host: kd.PluginHost) ->
             return super().forward(student_output, teacher_output.detach())
 
     failed = failed_contracts(check_criterion, Unregistered)
-    assert list(failed) == ["restores_in_a_fresh_process"]
+    # A class defined in a function has no importable name either: it is not even recordable.
+    assert list(failed) == ["an_instance_is_recordable", "restores_in_a_fresh_process"]
     assert "is not registered" in failed["restores_in_a_fresh_process"]
 
 

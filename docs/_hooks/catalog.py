@@ -102,7 +102,10 @@ def _reference(obj: Any) -> str:
 
 def _summary(obj: Any) -> str:
     target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj)
-    doc = inspect.getdoc(target) or ""
+    # Its own docstring, not one inherited from a base class; else its module's.
+    own = target.__doc__ if "__doc__" in vars(target) or inspect.isfunction(target) else None
+    module = inspect.getmodule(target)
+    doc = inspect.cleandoc(own or (module.__doc__ if module is not None else None) or "")
     first = doc.split("\n\n")[0].replace("\n", " ")
     return _SPHINX_ROLE.sub(lambda match: f"`{match.group(1).split('.')[-1]}`", first).replace(
         "``", "`"

@@ -20,8 +20,10 @@ def markdown_of(text: str) -> str:
     while index < len(lines):
         line = lines[index]
         if line.rstrip().endswith("::"):
-            lead = line.rstrip()[:-2].rstrip()
-            out.append(lead + (":" if lead and not lead.endswith(":") else ""))
+            # reST: "text::" reads "text:", "text ::" reads "text", a lone "::" nothing.
+            stripped = line.rstrip()
+            lead = stripped[:-2]
+            out.append(lead.rstrip() if lead.endswith(" ") or not lead.strip() else lead + ":")
             block, index = _literal_block(lines, index + 1)
             out += ["", "```python", *block, "```", ""]
             continue

@@ -25,14 +25,14 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 PYPROJECT = Template("""\
 [build-system]
-requires = ["setuptools>=61"]
+requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
 
 [project]
 name = "$distribution"
 version = "0.1.0"
 description = "A kdcore $kind plugin: $name"
-requires-python = ">=3.10"
+requires-python = ">=3.11"
 dependencies = ["kdcore"]
 
 # kdcore finds plugins through this entry-point group; the entry point's name is the plugin's.
@@ -74,6 +74,7 @@ def new_plugin(name: str, kind: str, folder: Path) -> Path:
             f"plugin name {given!r} must be a lower-case Python identifier (letters, digits, "
             "'_' or '-', starting with a letter), e.g. 'cosine'"
         )
+    _refuse_a_taken_name(name, kind)
     template = KINDS[kind]
     values = {
         "name": name,
@@ -96,3 +97,24 @@ def new_plugin(name: str, kind: str, folder: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return package
+
+
+#: kind -> the registry its plugin fills
+_REGISTRIES = {
+    "criterion": "criteria",
+    "balancer": "balancers",
+    "teacher-loader": "teacher_loaders",
+    "backend": "checkpoint_backends",
+}
+
+
+def _refuse_a_taken_name(name: str, kind: str) -> None:
+    """A name another installed plugin registers would clash with it (both unusable)."""
+    import kdcore as kd
+
+    registry = getattr(kd.registries(), _REGISTRIES[kind])
+    if name in registry:
+        raise ConfigError(
+            f"{registry.kind} {name!r} is already registered by {registry.provider(name)}; "
+            "choose another name (kdcore plugins lists the names in use)"
+        )

@@ -23,6 +23,8 @@ MAGIC = b'{"kdcore-json": 1'
 
 
 class ${Name}Backend:
+    """Checkpoints as one human-readable JSON document (for tiny models)."""
+
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False

@@ -14,6 +14,8 @@ from kdcore.validation import check_non_negative
 
 
 class ${Name}Balancer(kdcore.DistillationLossBalancer):
+    """The mean of the KD losses plus ``student_weight`` times the student loss."""
+
     def __init__(self, student_weight: float = 0.5) -> None:
         super().__init__()
         self.student_weight = check_non_negative("student_weight", student_weight)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,12 +25,13 @@ Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 CRITERION_CONTRACTS = (
     "builds_an_nn_module",
     "unknown_keyword_is_a_config_error",
-    "bad_reduction_is_a_kdcore_error",
+    "bad_reduction_is_a_config_error",
     "scalar_loss_with_gradient_to_the_student_only",
     "reduction_none_is_unreduced",
     "ignored_labels_contribute_nothing",
     "deterministic",
     "trains_end_to_end",
+    "an_instance_is_recordable",
     "restores_in_a_fresh_process",
 )
 
@@ -97,24 +101,32 @@ def check_criterion(
             "a failed convert should leave the student as it was",
         )
 
-    def bad_reduction_is_a_kdcore_error() -> None:
+    def bad_reduction_is_a_config_error() -> None:
         if "reduction" not in accepts:
             raise NotApplicable("no reduction argument")
+        bad = "no_such_reduction"
+        if spec is None:  # not registered: built directly, a ValueError naming it will do
+            try:
+                build(reduction=bad)
+            except (ValueError, TypeError) as exc:
+                expect(bad in str(exc), f"the error should name the bad value {bad!r}: {exc}")
+            else:
+                expect(False, f"reduction={bad!r} should be refused when built")
+            return
+        student = setup.build_student()
         try:
-            build(reduction="no_such_reduction")
-        except kd.KDCoreError as exc:
-            expect(
-                "no_such_reduction" in str(exc),
-                f"the error should name the bad value 'no_such_reduction': {exc}",
-            )
+            setup.convert({**spec, "reduction": bad}, student=student)
+        except kd.ConfigError as exc:
+            expect(bad in str(exc), f"the error should name the bad value {bad!r}: {exc}")
         except Exception as exc:
             expect(
                 False,
-                f"reduction='no_such_reduction' should raise a kdcore error (e.g. "
-                f"kdcore.validation.check_reduction), got {type(exc).__name__}: {exc}",
+                f"reduction={bad!r} in a config should end as kd.ConfigError (raise ValueError "
+                f"naming the value, or use kdcore.validation.check_reduction), got "
+                f"{type(exc).__name__}: {exc}",
             )
         else:
-            expect(False, "reduction='no_such_reduction' should be refused when built")
+            expect(False, f"reduction={bad!r} should be refused when built")
 
     def scalar_loss_with_gradient_to_the_student_only() -> None:
         student, teacher, forward_kwargs = sample()
@@ -236,6 +248,26 @@ def check_criterion(
                     parameter.data_ptr() in saved,
                     f"the criterion's parameter {parameter_name!r} is not in the state dict",
                 )
+
+    def an_instance_is_recordable() -> None:
+        instance = build()
+        model = setup.convert(instance)
+        with tempfile.TemporaryDirectory(prefix="kdcore-contract-") as folder:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", kd.NotRecordableWarning)
+                path = kd.save(model, Path(folder) / "checkpoint")
+            problems = [str(w.message) for w in caught if w.category is kd.NotRecordableWarning]
+            expect(
+                not problems,
+                f"an instance passed to kd.convert cannot be recorded ({problems[:1]}): keep each "
+                "constructor argument as a same-named attribute, or define kdcore_config()",
+            )
+            restored: Any = kd.restore(setup.build_student(), path)
+        (rebuilt,) = restored.loss_modules
+        expect(
+            repr(rebuilt) == repr(instance),
+            f"the restored criterion is {rebuilt!r}, the saved one {instance!r}",
+        )
 
     def restores_in_a_fresh_process() -> None:
         expect(

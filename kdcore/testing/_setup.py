@@ -56,9 +56,9 @@ class Setup:
         mode: str = "kd_loss",
         student: nn.Module | None = None,
     ) -> Any:
-        """The student (or ``student``) converted by ``mode`` with ``criterion`` (one loss,
-        applied to ``layers``, or a list of ``{"student", "teacher", "loss"}`` entries), the
-        teacher given by its spec (or ``teacher``)."""
+        """A new student from the set-up (or the ``student`` given) converted by ``mode`` with
+        ``criterion`` (one loss, applied to ``layers``, or a list of ``{"student", "teacher",
+        "loss"}`` entries); the teacher is the set-up's spec unless ``teacher`` is given."""
         if not isinstance(criterion, list):
             student_layer, teacher_layer = self.layers
             criterion = [{"student": student_layer, "teacher": teacher_layer, "loss": criterion}]

@@ -21,6 +21,7 @@ import pytest
 
 @pytest.fixture
 def kd_plugin_host() -> Iterator[Any]:
+    """A fresh plugin host over the installed entry points, current for the test."""
     import kdcore as kd
 
     host = kd.PluginHost(blocked=())
@@ -30,6 +31,7 @@ def kd_plugin_host() -> Iterator[Any]:
 
 @pytest.fixture
 def kd_student() -> Any:
+    """A tiny MLP student: ``TinyNet(width=8)``, 4 inputs -> 8 -> 3 classes, seeded."""
     from kdcore.testing.models import TinyNet
 
     return TinyNet(width=8, seed=0)
@@ -37,6 +39,7 @@ def kd_student() -> Any:
 
 @pytest.fixture
 def kd_teacher() -> Any:
+    """A wider tiny MLP teacher: ``TinyNet(width=16, seed=1)``, the same weights every time."""
     from kdcore.testing.models import TinyNet
 
     return TinyNet(width=16, seed=1)
@@ -44,6 +47,7 @@ def kd_teacher() -> Any:
 
 @pytest.fixture
 def kd_batch() -> Any:
+    """A batch of 5 inputs for them: a ``[5, 4]`` float tensor, seeded."""
     import torch
 
     return torch.randn(5, 4, generator=torch.Generator().manual_seed(7))

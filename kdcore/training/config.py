@@ -75,6 +75,12 @@ def structure_train(data: Any, *, path: str = TRAIN_TABLE) -> TrainConfig:
     """Structure and check a ``[train]`` table; errors name ``train.<key>``."""
     from kdcore.plugin import structure
 
+    loggers = data.get("loggers") if isinstance(data, dict) else None
+    if loggers is not None and not isinstance(loggers, list):  # a string is not a list of names
+        raise ConfigError(
+            f'expected a list, e.g. ["jsonl"], got {type(loggers).__name__}',
+            path=f"{path}.loggers",
+        )
     config = structure(data, TrainConfig, path=path)
     check_train(config, path=path)
     return config
@@ -106,6 +112,7 @@ def _check_loggers(loggers: list[Any], *, path: str) -> None:
     """Each entry names a registered logger with options it takes (built, not opened)."""
     from kdcore.training.metrics import build_loggers
 
+    seen: dict[str, int] = {}
     for index, spec in enumerate(loggers):
         is_reference = isinstance(spec, dict) and isinstance(spec.get("name"), str)
         if not isinstance(spec, str) and not is_reference:
@@ -113,6 +120,12 @@ def _check_loggers(loggers: list[Any], *, path: str) -> None:
                 f'expected a logger name or {{name = "...", ...}}, got {spec!r}',
                 path=f"{path}[{index}]",
             )
+        name = spec if isinstance(spec, str) else spec["name"]
+        if name in seen:  # both would write the same records to the same place
+            raise ConfigError(
+                f"logger {name!r} is already loggers[{seen[name]}]", path=f"{path}[{index}]"
+            )
+        seen[name] = index
     build_loggers(loggers, path=path)
 
 

@@ -26,7 +26,15 @@ from kdcore.training.config import TRAIN_TABLE, TrainConfig
 #: run goes on, and what it logs and writes where, but not what it trains.
 MAY_CHANGE = frozenset(
     f"{TRAIN_TABLE}.{name}"
-    for name in ("steps", "epochs", "log_every", "checkpoint_every", "eval_every", "output")
+    for name in (
+        "steps",
+        "epochs",
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "output",
+        "loggers",
+    )
 )
 CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 

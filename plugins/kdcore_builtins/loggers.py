@@ -13,6 +13,7 @@ from typing import Any
 
 import kdcore
 from kdcore.plugin import Registry
+from kdcore.validation import check_positive_int
 
 
 class JSONLinesLogger:
@@ -99,7 +100,7 @@ class TensorBoardLogger:
                 "the tensorboard logger needs the tensorboard package: "
                 "pip install 'kdcore[tensorboard]'"
             )
-        self.flush_secs = flush_secs
+        self.flush_secs = check_positive_int("flush_secs", flush_secs)
         self.writer: Any = None
 
     def open(self, output: Path, *, resume_at: int | None, resumed_from: Path | None) -> None:
