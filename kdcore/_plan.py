@@ -196,6 +196,12 @@ def _checked_pair(
     bind_layers = getattr(loss, "bind_layers", None)
     if callable(bind_layers) and student_module is not None and teacher_module is not None:
         bind_layers(student_module, teacher_module)  # e.g. a fused loss needs the lm-head weights
+    bind_models = getattr(loss, "bind_models", None)
+    if callable(bind_models) and student is not None and teacher is not None:
+        try:  # e.g. a fused loss that names the lm heads it multiplies by
+            bind_models(student, teacher)
+        except UnknownLayerError as exc:
+            raise UnknownLayerError(f"{loss_path}: {exc}", name=exc.name) from None
     return LossPair(
         _canonical(student_layer),
         _canonical(teacher_layer),

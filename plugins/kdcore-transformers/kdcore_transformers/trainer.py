@@ -19,6 +19,7 @@ Tokens are counted after the causal shift (``causal_shift=True``): logit row ``i
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -163,10 +164,21 @@ class KDTrainer(transformers.Trainer):
         if 0 < repeated < len(labels):  # left out of the losses, as gather_for_metrics drops them
             labels = labels.clone()
             labels[len(labels) - repeated :] = llm.IGNORE_INDEX
+        fused = _fused_pair(meta)
+        if fused is not None and _skips_heads(meta, fused):
+            inputs["logits_to_keep"] = 1  # the fused loss needs no logits: skip the lm heads
         outputs = model(**inputs)  # the teacher, then the student; captures the paired layers
         kd_labels = llm.shift_labels(labels) if self.causal_shift else labels
         tokens = llm.count_tokens(kd_labels)
-        student_loss = _cross_entropy_sum(outputs, kd_labels) / max(tokens, 1)
+        if fused is not None:  # the cross-entropy from the divergence's pass over the chunks
+            state = meta.kd_state
+            student_loss = fused.loss.student_cross_entropy(
+                state.student_outputs[fused.student_layer],
+                state.teacher_outputs[fused.teacher_layer],
+                labels=kd_labels,
+            )
+        else:
+            student_loss = _cross_entropy_sum(outputs, kd_labels) / max(tokens, 1)
         loss_kwargs: dict[str, Any] = {LABELS: kd_labels} if meta.accepts_loss_kwarg(LABELS) else {}
         with_student = meta.loss_balancer is not None
         loss = meta.compute_kd_loss(
@@ -283,6 +295,30 @@ class KDTrainer(transformers.Trainer):
 def _kd_state_backend() -> Any:
     """kdcore's checkpoint backend for the distillation state (a ``CheckpointBackend``)."""
     return kd.registries().checkpoint_backends.get(KD_STATE_BACKEND)
+
+
+def _fused_pair(meta: DistillationModel) -> Any:
+    """The first pair whose loss gives the student's cross-entropy from its own pass over the
+    lm head (``fused_logits``: ``student_cross_entropy``) as a per-token mean, or None."""
+    for pair in meta.kd_state.pairs:
+        loss = pair.loss
+        if callable(getattr(loss, "student_cross_entropy", None)) and (
+            getattr(loss, "reduction", None) == "batchmean"
+        ):
+            return pair
+    return None
+
+
+def _skips_heads(meta: DistillationModel, fused: Any) -> bool:
+    """Whether the models may skip their lm heads: the fused loss names them (so it captures
+    the final hidden states, not the heads' inputs), no other loss wants a whole model's output
+    (the logits), and both forwards take ``logits_to_keep``."""
+    if not getattr(fused.loss, "names_heads", False) or any(
+        pair.student_layer == "" or pair.teacher_layer == "" for pair in meta.kd_state.pairs
+    ):
+        return False
+    forwards = (meta.kd_state.original_class.forward, type(meta.teacher_model).forward)
+    return all("logits_to_keep" in inspect.signature(f).parameters for f in forwards)
 
 
 def _cross_entropy_sum(outputs: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ The package holds one concept a module: ``kernels`` (:data:`DIVERGENCES`, the on
 divergences, and their kernels), ``masks`` (labels, reductions, ``num_items_in_batch``,
 vocabulary alignment), ``chunked`` (the custom autograd function over chunks of rows, and
 :func:`logit_divergence`), ``losses`` (one loss class a divergence) and ``fused`` (the fused
-lm-head loss, :func:`fused_linear_divergence`).
+lm-head losses, :func:`fused_linear_divergence` and :func:`fused_linear_cross_entropy`).
 
 Memory. The losses walk the rows in chunks of about two million logits and keep no ``[N, V]``
 temporary but the gradient (see ``chunked``); half-precision logits are upcast to float32 one
@@ -62,7 +62,11 @@ from typing import Any
 import kdcore
 from kdcore.plugin import Registry
 from kdcore_builtins.divergences.chunked import logit_divergence
-from kdcore_builtins.divergences.fused import FusedLogitsLoss, fused_linear_divergence
+from kdcore_builtins.divergences.fused import (
+    FusedLogitsLoss,
+    fused_linear_cross_entropy,
+    fused_linear_divergence,
+)
 from kdcore_builtins.divergences.kernels import DIVERGENCES, make_kernel
 from kdcore_builtins.divergences.losses import (
     LOSSES,
@@ -95,6 +99,7 @@ __all__ = [
     "TVDLoss",
     "TopKKLLoss",
     "align_vocabularies",
+    "fused_linear_cross_entropy",
     "fused_linear_divergence",
     "logit_divergence",
     "make_kernel",

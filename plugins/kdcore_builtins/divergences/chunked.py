@@ -76,14 +76,14 @@ class ChunkSpec:
 
     def __init__(
         self,
-        kernel: Kernel,
+        kernel: Kernel | None,
         temperature: float,
         width: int,
         teacher_width: int,
         chunk_rows: int,
         dtype: torch.dtype,
     ) -> None:
-        self.kernel = kernel
+        self.kernel = kernel  # None: no divergence (the fused cross-entropy alone)
         self.temperature = temperature
         self.width = width  # student columns compared
         self.teacher_width = teacher_width  # real teacher columns (<= width; the rest padded)
@@ -122,6 +122,7 @@ def run_kernel(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``spec.kernel`` on one chunk; rows without a finite log-sum-exp on either side come out
     NaN, loss and gradient, whatever the kernel's handling of masked classes made of them."""
+    assert spec.kernel is not None
     loss, grad = spec.kernel(a, b, A, B, spec.teacher_width, want_loss, want_grad)
     undefined = torch.mul(A, 0.0).add_(torch.mul(B, 0.0))  # 0, or NaN where A or B is not finite
     if loss is not None:

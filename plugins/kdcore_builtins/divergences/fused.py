@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from kdcore.validation import IGNORE_INDEX, check_int
+from kdcore import UnknownLayerError
+from kdcore.plugin import did_you_mean
+from kdcore.validation import IGNORE_INDEX, check_ignore_index, check_int
 from kdcore_builtins.divergences.chunked import (
     ChunkSpec,
     Rows,
@@ -44,100 +46,143 @@ from kdcore_builtins.divergences.masks import (
 FUSED_CHUNK_ELEMENTS = 1 << 23
 
 
-class _FusedLinearDivergence(torch.autograd.Function):
-    """The divergence of ``hs @ ws.T + bs`` from ``ht @ wt.T + bt``, a chunk of rows at a time.
+class _FusedLinearLosses(torch.autograd.Function):
+    """From one pass over chunks of rows of ``hs @ ws.T + bs``: the divergence from
+    ``ht @ wt.T + bt`` (when ``spec.kernel`` is set) and the cross-entropy with ``targets`` (when
+    given); the two share each chunk's student logits. Returns ``(divergence, cross-entropy)``
+    (an unused one is a zero).
 
-    With ``eager`` (a scalar reduction follows) the output is the sum of the row divergences and
-    forward also computes the gradients for the student's hidden states, weight and bias (one
-    ``[N, H]``, one ``[V, H]`` and one ``[V]`` tensor), which backward scales; otherwise (per-row
-    output) backward recomputes each chunk's logits.
+    With ``eager`` (scalar reductions follow) both outputs are sums over the rows and forward
+    also computes each loss's gradients for the student's hidden states, weight and bias (one
+    ``[N, H]``, one ``[V, H]`` and one ``[V]`` tensor a loss), which backward scales and adds;
+    otherwise (per-row divergence, no cross-entropy) backward recomputes each chunk's logits.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         hs: torch.Tensor,
-        ht: torch.Tensor,
+        ht: torch.Tensor | None,
         ws: torch.Tensor,
-        wt: torch.Tensor,
+        wt: torch.Tensor | None,
         bs: torch.Tensor | None,
         bt: torch.Tensor | None,
         rows: torch.Tensor | None,
+        targets: torch.Tensor | None,
         spec: ChunkSpec,
         eager: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.spec, ctx.eager = spec, eager
         need = ctx.needs_input_grad
         want_grad = eager and (need[0] or need[2] or (bs is not None and need[4]))
         count = kept_count(rows, hs)
-        losses = torch.empty(count, dtype=spec.dtype, device=hs.device)
-        grads = _FusedGrads(hs, ws, bs, rows, need, count) if want_grad else None
-        hs_rows, ht_rows = Rows(hs), Rows(ht)
+        zero = hs.new_zeros((), dtype=spec.dtype)
+        divergences = torch.empty(count, dtype=spec.dtype, device=hs.device)
+        entropies = torch.empty(count, dtype=spec.dtype, device=hs.device)
+        kd_grads = _FusedGrads(hs, ws, bs, rows, need, count) if want_grad and spec.kernel else None
+        ce_grads = (
+            _FusedGrads(hs, ws, bs, rows, need, count)
+            if want_grad and targets is not None
+            else None
+        )
+        # The cross-entropy is over all the student's columns, the divergence over the aligned ones.
+        columns = ws.shape[0] if targets is not None else spec.width
+        hs_rows, ht_rows = Rows(hs), None if ht is None else Rows(ht)
         for start in range(0, count, spec.chunk_rows):
             stop = min(start + spec.chunk_rows, count)
-            hs_chunk, a, b = _fused_chunk(spec, hs_rows, ht_rows, ws, wt, bs, bt, rows, start, stop)
-            A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-            loss, g = run_kernel(spec, a, b, A, B, True, grads is not None)
-            assert loss is not None
-            losses[start:stop] = loss
-            if grads is not None:
-                assert g is not None
-                grads.add(hs_chunk, g.div_(spec.temperature), start, stop)
+            hs_chunk = hs_rows.take(rows, start, stop)
+            s = F.linear(hs_chunk, ws[:columns], None if bs is None else bs[:columns])
+            if spec.kernel is not None:
+                assert ht_rows is not None and wt is not None
+                a, b = _scaled_pair(spec, s, ht_rows, wt, bt, rows, start, stop)
+                A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
+                loss, g = run_kernel(spec, a, b, A, B, True, kd_grads is not None)
+                assert loss is not None
+                divergences[start:stop] = loss
+                if kd_grads is not None:
+                    assert g is not None
+                    kd_grads.add(hs_chunk, g.div_(spec.temperature), start, stop)
+            if targets is not None:
+                entropies[start:stop], g = _cross_entropy_chunk(
+                    s.to(spec.dtype), targets[start:stop], ce_grads is not None
+                )
+                if ce_grads is not None:
+                    assert g is not None
+                    ce_grads.add(hs_chunk, g, start, stop)
         if eager:
             # Saved (not kept on ctx) so that autograd frees them after a backward without
             # retain_graph, keeps them for one with it, and reports a second backward as usual.
-            ctx.has_grads = grads is not None
-            ctx.save_for_backward(*(grads.finish() if grads is not None else ()))
-            return losses.sum()
+            ctx.saved_kinds = (kd_grads is not None, ce_grads is not None)
+            finished = [grads.finish() for grads in (kd_grads, ce_grads) if grads is not None]
+            ctx.save_for_backward(*(t for grads in finished for t in grads))
+            kd_sum = divergences.sum() if spec.kernel is not None else zero
+            return kd_sum, entropies.sum() if targets is not None else zero
         ctx.save_for_backward(hs, ht, ws, wt, bs, bt, rows)
-        return losses
+        return divergences, zero
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+    def backward(ctx: Any, grad_kd: torch.Tensor, grad_ce: torch.Tensor) -> Any:
         spec: ChunkSpec = ctx.spec
+        skipped = (None,) * 7
         if ctx.eager:
-            grads = ctx.saved_tensors if ctx.has_grads else (None, None, None)
-            scaled = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
-            return scaled[0], None, scaled[1], None, scaled[2], None, None, None, None
+            saved = list(ctx.saved_tensors)
+            total: list[torch.Tensor | None] = [None, None, None]
+            for present, weight in zip(ctx.saved_kinds, (grad_kd, grad_ce), strict=True):
+                if not present:
+                    continue
+                grads, saved = saved[:3], saved[3:]
+                for i, g in enumerate(grads):
+                    if g is not None:
+                        part = g * weight.to(g.dtype)
+                        total[i] = part if total[i] is None else total[i] + part
+            return total[0], None, total[1], None, total[2], *skipped[:5]
         hs, ht, ws, wt, bs, bt, rows = ctx.saved_tensors
         count = kept_count(rows, hs)
         accumulate = _FusedGrads(hs, ws, bs, rows, ctx.needs_input_grad, count)
         hs_rows, ht_rows = Rows(hs), Rows(ht)
-        weights = grad_output / spec.temperature
+        weights = grad_kd / spec.temperature
         for start in range(0, count, spec.chunk_rows):
             stop = min(start + spec.chunk_rows, count)
-            hs_chunk, a, b = _fused_chunk(spec, hs_rows, ht_rows, ws, wt, bs, bt, rows, start, stop)
+            hs_chunk = hs_rows.take(rows, start, stop)
+            s = F.linear(hs_chunk, ws[: spec.width], None if bs is None else bs[: spec.width])
+            a, b = _scaled_pair(spec, s, ht_rows, wt, bt, rows, start, stop)
             A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
             _, g = run_kernel(spec, a, b, A, B, False, True)
             assert g is not None
             accumulate.add(hs_chunk, g.mul_(weights[start:stop, None]), start, stop)
         grad_hs, grad_ws, grad_bs = accumulate.finish()
-        return grad_hs, None, grad_ws, None, grad_bs, None, None, None, None
+        return grad_hs, None, grad_ws, None, grad_bs, *skipped[:5]
 
 
-def _fused_chunk(
+def _scaled_pair(
     spec: ChunkSpec,
-    hs_rows: Rows,
+    student: torch.Tensor,
     ht_rows: Rows,
-    ws: torch.Tensor,
     wt: torch.Tensor,
-    bs: torch.Tensor | None,
     bt: torch.Tensor | None,
     rows: torch.Tensor | None,
     start: int,
     stop: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(student hidden rows, their scaled student logits, the scaled teacher logits)."""
-    width, teacher_width = spec.width, spec.teacher_width
-    hs_chunk = hs_rows.take(rows, start, stop)
-    student = F.linear(hs_chunk, ws[:width], None if bs is None else bs[:width])
-    teacher = F.linear(
-        ht_rows.take(rows, start, stop),
-        wt[:teacher_width],
-        None if bt is None else bt[:teacher_width],
-    )
-    return hs_chunk, spec.scaled(student, width), spec.scaled(teacher, teacher_width)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's scaled student logits and the teacher's, aligned (``spec.width`` columns)."""
+    tw = spec.teacher_width
+    teacher = F.linear(ht_rows.take(rows, start, stop), wt[:tw], None if bt is None else bt[:tw])
+    return spec.scaled(student, spec.width), spec.scaled(teacher, tw)
+
+
+def _cross_entropy_chunk(
+    logits: torch.Tensor, targets: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's ``logsumexp(z) - z[target]`` and, with ``want_grad``, its gradient
+    ``softmax(z) - onehot(target)`` (computed in ``logits``' storage when it is a copy)."""
+    lse = torch.logsumexp(logits, -1)
+    losses = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    if not want_grad:
+        return losses, None
+    g = logits.sub_(lse[:, None]).exp_()
+    g.scatter_add_(1, targets[:, None], g.new_full((g.shape[0], 1), -1.0))
+    return losses, g
 
 
 class _FusedGrads:
@@ -252,7 +297,7 @@ def fused_linear_divergence(
             temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
         )
     )
-    return _fused(
+    divergence_value, _ = _fused(
         kernel,
         student_hidden,
         teacher_hidden,
@@ -270,12 +315,41 @@ def fused_linear_divergence(
         max_vocab_padding=max_vocab_padding,
         chunk_size=None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1),
     )
+    assert divergence_value is not None
+    return divergence_value
+
+
+def _check_hidden(tensor: Any, side: str, what: str) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        raise TypeError(
+            f"{what}: expected the {side} hidden states as a [..., hidden] tensor, got "
+            f"{type(tensor).__name__ if not isinstance(tensor, torch.Tensor) else 'a scalar'}"
+        )
+    return tensor
+
+
+def _targets(
+    labels: Any, rows: torch.Tensor | None, vocab: int, device: torch.device, what: str
+) -> torch.Tensor:
+    """The kept rows' labels, refused (naming the first bad one) outside ``[0, vocab)``."""
+    if labels is None:
+        raise ValueError(f"{what}: the student's cross-entropy needs labels= (its targets)")
+    flat = labels.reshape(-1).to(device)
+    targets = flat if rows is None else flat.index_select(0, rows)
+    bad = (targets < 0) | (targets >= vocab)
+    if targets.numel() and bool(bad.any()):
+        value = int(targets[bad.nonzero()[0, 0]])
+        raise ValueError(
+            f"{what}: label {value} is not a token of the student's vocabulary of {vocab} "
+            "(labels are token ids, or ignore_index where no loss counts)"
+        )
+    return targets.long()
 
 
 def _fused(
-    kernel: Kernel,
-    hs: torch.Tensor,
-    ht: torch.Tensor,
+    kernel: Kernel | None,
+    hs: Any,
+    ht: Any,
     ws: Any,
     wt: Any,
     bs: Any,
@@ -290,78 +364,161 @@ def _fused(
     vocab_alignment: str,
     max_vocab_padding: int,
     chunk_size: int | None,
-) -> torch.Tensor:
-    for side, tensor in (("student", hs), ("teacher", ht)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
-            raise TypeError(
-                f"{what}: expected the {side} hidden states as a [..., hidden] tensor, got "
-                f"{type(tensor).__name__ if not isinstance(tensor, torch.Tensor) else 'a scalar'}"
-            )
-    if hs.shape[:-1] != ht.shape[:-1]:
-        raise ValueError(
-            f"{what}: student hidden states {tuple(hs.shape)} and teacher hidden states "
-            f"{tuple(ht.shape)} differ in their positions"
-        )
+    cross_entropy: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(the divergence, when ``kernel`` is set; the student's cross-entropy with ``labels``,
+    when ``cross_entropy``), from one pass over the chunks. The cross-entropy is the sum over
+    the kept positions with ``reduction="sum"``, else that sum over ``num_items_in_batch`` (or
+    over the kept positions): the mean per token of ``"batchmean"`` with labels."""
+    hs = _check_hidden(hs, "student", what)
     ws, bs = _check_head(hs, ws, bs, "student", what)
-    wt, bt = _check_head(ht, wt, bt, "teacher", what)
+    width = teacher_width = ws.shape[0]
+    if kernel is not None:
+        ht = _check_hidden(ht, "teacher", what)
+        if hs.shape[:-1] != ht.shape[:-1]:
+            raise ValueError(
+                f"{what}: student hidden states {tuple(hs.shape)} and teacher hidden states "
+                f"{tuple(ht.shape)} differ in their positions"
+            )
+        wt, bt = _check_head(ht, wt, bt, "teacher", what)
+        width, teacher_width = align_vocabularies(
+            ws.shape[0],
+            wt.shape[0],
+            vocab_alignment=vocab_alignment,
+            max_vocab_padding=max_vocab_padding,
+            what=what,
+        )
+        kernel.check_fits(width, teacher_width, what)
     num_items = check_num_items(num_items_in_batch, reduction, what)
-    width, teacher_width = align_vocabularies(
-        ws.shape[0],
-        wt.shape[0],
-        vocab_alignment=vocab_alignment,
-        max_vocab_padding=max_vocab_padding,
-        what=what,
-    )
-    kernel.check_fits(width, teacher_width, what)
     positions_shape = tuple(hs.shape[:-1])
     rows = kept_rows(labels, positions_shape, ignore_index, hs.device, what)
-    dtype = compute_dtype(hs, ht, ws, wt)
-    chunk = chunk_size or rows_per_chunk(width, FUSED_CHUNK_ELEMENTS)
+    targets = _targets(labels, rows, ws.shape[0], hs.device, what) if cross_entropy else None
+    dtype = compute_dtype(*(t for t in (hs, ht, ws, wt) if t is not None))
+    chunk = chunk_size or rows_per_chunk(ws.shape[0], FUSED_CHUNK_ELEMENTS)
     spec = ChunkSpec(kernel, temperature, width, teacher_width, chunk, dtype)
     eager = reduction != "none"
-    out = _FusedLinearDivergence.apply(
+    if cross_entropy and not eager:
+        raise ValueError(
+            f"{what}: the student's cross-entropy needs a scalar reduction, not 'none'"
+        )
+    kd, ce = _FusedLinearLosses.apply(
         hs,
-        ht.detach(),
+        None if ht is None else ht.detach(),
         ws,
-        wt.detach(),
+        None if wt is None else wt.detach(),
         bs,
         None if bt is None else bt.detach(),
         rows,
+        targets,
         spec,
         eager,
     )
+    kept = kept_count(rows, hs)
+    if cross_entropy:
+        ce = ce / (1.0 if reduction == "sum" else (num_items or float(max(kept, 1))))
+    if kernel is None:
+        return None, ce if cross_entropy else None
     if eager:
-        kept = kept_count(rows, hs)
         first_dim = hs.shape[0] if hs.dim() > 1 else 1
         denominator = reduction_denominator(
             reduction, labels is not None, kept, first_dim, width, num_items
         )
-        return out * (temperature**2 / denominator)
-    return reduce_rows(
-        out,
-        reduction=reduction,
-        rows=rows,
-        labelled=labels is not None,
-        positions_shape=positions_shape,
-        first_dim=hs.shape[0],
-        classes=width,
-        num_items=num_items,
-        scale=temperature**2,
+        kd = kd * (temperature**2 / denominator)
+    else:
+        kd = reduce_rows(
+            kd,
+            reduction=reduction,
+            rows=rows,
+            labelled=labels is not None,
+            positions_shape=positions_shape,
+            first_dim=hs.shape[0],
+            classes=width,
+            num_items=num_items,
+            scale=temperature**2,
+        )
+    return kd, ce if cross_entropy else None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Any = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=...)`` without ever
+    holding the ``[positions, vocab]`` logits: a chunk of positions at a time, as
+    :func:`fused_linear_divergence`.
+
+    ``labels`` has one token id a position (``ignore_index`` where no loss counts; shift them
+    first for a causal LM, :func:`kdcore.llm.shift_labels`). ``reduction="mean"`` divides the
+    sum over the kept positions by ``num_items_in_batch`` when given (the step's token count,
+    see :mod:`kdcore.llm`), else by their number; ``"sum"`` keeps the sum. Half-precision
+    logits are upcast to float32 a chunk at a time; the gradient reaches ``hidden``, ``weight``
+    and ``bias``.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"fused cross-entropy: reduction must be 'mean' or 'sum', got {reduction!r}"
+        )
+    _, ce = _fused(
+        None,
+        hidden,
+        None,
+        weight,
+        None,
+        bias,
+        None,
+        what="fused cross-entropy",
+        temperature=1.0,
+        reduction="batchmean" if reduction == "mean" else "sum",
+        labels=labels,
+        ignore_index=check_ignore_index(ignore_index),
+        num_items_in_batch=num_items_in_batch,
+        vocab_alignment="error",
+        max_vocab_padding=DEFAULT_MAX_VOCAB_PADDING,
+        chunk_size=None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1),
+        cross_entropy=True,
     )
+    assert ce is not None
+    return ce
 
 
 def _check_heads(
-    student_module: nn.Module, teacher_module: nn.Module
+    student_module: nn.Module,
+    teacher_module: nn.Module,
+    hint: str = "pair its input, e.g. "
+    "'lm_head:input', or name the heads: student_head='lm_head', teacher_head='lm_head'",
 ) -> tuple[nn.Module, nn.Module]:
     for side, module in (("student", student_module), ("teacher", teacher_module)):
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(
                 f"FusedLogitsLoss: the {side} layer must be the lm head (a linear layer with a "
-                f"[vocab, hidden] weight; pair its input, e.g. 'lm_head:input'), got "
-                f"{type(module).__name__}"
+                f"[vocab, hidden] weight; {hint}), got {type(module).__name__}"
             )
     return student_module, teacher_module
+
+
+def _resolve_head(model: nn.Module, head: str, side: str) -> nn.Module:
+    names = [name for name, _ in model.named_modules() if name]
+    if head not in names:
+        raise UnknownLayerError(
+            f"FusedLogitsLoss {side}_head: the {side} ({type(model).__name__}) has no layer "
+            f"{head!r}{did_you_mean(head, names)}",
+            name=head,
+        )
+    return model.get_submodule(head)
+
+
+def _check_head_name(head: Any, side: str) -> str | None:
+    if head is None or (isinstance(head, str) and head):
+        return head
+    raise TypeError(f"{side}_head must be the lm head's layer name (e.g. 'lm_head'), got {head!r}")
 
 
 class FusedLogitsLoss(nn.Module):
@@ -377,26 +534,31 @@ class FusedLogitsLoss(nn.Module):
     with the values, reductions, ``labels``/``ignore_index`` masks, ``num_items_in_batch`` and
     ``vocab_alignment`` of the unfused losses (see :mod:`kdcore_builtins.divergences`).
 
-    In kdcore, pair the lm heads' *inputs*: ``"layer:input"`` captures the first positional
-    input of a layer (a forward pre-hook), where ``"layer"`` or ``"layer:output"`` would capture
-    its output::
+    In kdcore, pair the layers whose outputs are the final hidden states (``"model.norm"`` in
+    Hugging Face Llama-style models, ``"transformer.ln_f"`` in GPT-2) and name the lm heads
+    (``student_head``/``teacher_head``, layer names; or bind the head modules with
+    ``bind_layers``)::
 
         kd.convert(student, [("kd_loss", {
             "teacher_model": teacher,
-            "criterion": {("lm_head:input", "lm_head:input"): {"name": "fused_logits",
-                                                               "divergence": "jsd"}}})])
+            "criterion": {("model.norm", "model.norm"): {
+                "name": "fused_logits", "divergence": "jsd",
+                "student_head": "lm_head", "teacher_head": "lm_head"}}})])
 
-    At convert time kdcore calls ``bind_layers(student_lm_head, teacher_lm_head)`` with the two
-    paired modules; the loss keeps plain references to them (not as submodules, so their weights
-    are not registered a second time) and reads ``.weight``/``.bias`` at every call, so the
-    gradient reaches the student's lm-head weight (and tied embeddings) and its hidden states.
-    ``forward(student_hidden, teacher_hidden, labels=None, num_items_in_batch=None,
-    lm_heads=None)``; ``lm_heads=(student_head, teacher_head)`` overrides the bound heads.
+    The capture then does not depend on the heads running at all, so the models' forwards can
+    skip them (``model(input_ids, logits_to_keep=1)`` in Hugging Face causal LMs; ``KDTrainer``
+    does it by itself). Without head names, pair the heads' *inputs* instead
+    (``("lm_head:input", "lm_head:input")``): the heads then have to run on every position.
 
-    The loss never materialises logits, but the models' own forwards still run their lm heads
-    (kdcore captures the heads' inputs, it does not skip them): the memory saved is the loss's
-    own ``[N, V]`` temporaries and gradient. Under FSDP/ZeRO-3 the heads' weights must be
-    gathered when the loss runs.
+    At convert time kdcore calls ``bind_layers(student_layer, teacher_layer)`` and
+    ``bind_models(student, teacher)``; the loss keeps plain references to the heads (not as
+    submodules, so their weights are not registered a second time) and reads
+    ``.weight``/``.bias`` at every call, so the gradient reaches the student's lm-head weight
+    (and tied embeddings) and its hidden states. ``forward(student_hidden, teacher_hidden,
+    labels=None, num_items_in_batch=None, lm_heads=None)``; ``lm_heads=(student_head,
+    teacher_head)`` overrides the bound heads. :meth:`student_cross_entropy` gives the student's
+    own loss from the same pass. Under FSDP/ZeRO-3 the heads' weights must be gathered when
+    the loss runs.
     """
 
     def __init__(
@@ -412,6 +574,8 @@ class FusedLogitsLoss(nn.Module):
         vocab_alignment: str = "error",
         max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
         chunk_size: int | None = None,
+        student_head: str | None = None,
+        teacher_head: str | None = None,
     ) -> None:
         super().__init__()
         self.divergence = check_divergence(divergence)
@@ -437,12 +601,34 @@ class FusedLogitsLoss(nn.Module):
         self.chunk_size = (
             None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
         )
-        # Plain references (a tuple is not registered as a submodule).
+        self.student_head = _check_head_name(student_head, "student")
+        self.teacher_head = _check_head_name(teacher_head, "teacher")
+        if (student_head is None) != (teacher_head is None):
+            raise ValueError("name both lm heads (student_head and teacher_head), or neither")
+        # Plain references in tuples (a tuple is not registered as a submodule).
         self._lm_heads: tuple[nn.Module, nn.Module] | None = None
+        self._pending: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    @property
+    def names_heads(self) -> bool:
+        """Whether the heads are named (the paired layers are then the final hidden states, and
+        the models may skip their heads)."""
+        return self.student_head is not None
 
     def bind_layers(self, student_module: nn.Module, teacher_module: nn.Module) -> None:
-        """Keep the paired lm heads; called by kdcore at convert time."""
-        self._lm_heads = _check_heads(student_module, teacher_module)
+        """Keep the paired lm heads (unless named); called by kdcore at convert time."""
+        if not self.names_heads:
+            self._lm_heads = _check_heads(student_module, teacher_module)
+
+    def bind_models(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Find the named lm heads in the two models; called by kdcore at convert time."""
+        student_head, teacher_head = self.student_head, self.teacher_head
+        if student_head is not None and teacher_head is not None:
+            self._lm_heads = _check_heads(
+                _resolve_head(student, student_head, "student"),
+                _resolve_head(teacher, teacher_head, "teacher"),
+                hint="student_head and teacher_head name the lm heads",
+            )
 
     def kernel(self) -> Kernel:
         return make_kernel(
@@ -453,24 +639,27 @@ class FusedLogitsLoss(nn.Module):
             tail_bucket=self.tail_bucket,
         )
 
-    def forward(
+    def _heads(self, lm_heads: tuple[nn.Module, nn.Module] | None) -> tuple[nn.Module, nn.Module]:
+        if lm_heads is not None:
+            return _check_heads(*lm_heads)
+        if self._lm_heads is None:
+            raise RuntimeError(
+                "FusedLogitsLoss has no lm heads: pair ('lm_head:input', 'lm_head:input') or "
+                "name them (student_head=, teacher_head=) in kd.convert, call "
+                "bind_layers(student_head, teacher_head), or pass lm_heads="
+            )
+        return self._lm_heads
+
+    def _losses(
         self,
         student_hidden: Any,
         teacher_hidden: Any,
-        labels: torch.Tensor | None = None,
-        num_items_in_batch: Any = None,
-        lm_heads: tuple[nn.Module, nn.Module] | None = None,
-    ) -> torch.Tensor:
-        if lm_heads is not None:
-            heads = _check_heads(*lm_heads)
-        elif self._lm_heads is None:
-            raise RuntimeError(
-                "FusedLogitsLoss has no lm heads: pair ('lm_head:input', 'lm_head:input') in "
-                "kd.convert, call bind_layers(student_head, teacher_head), or pass lm_heads="
-            )
-        else:
-            heads = self._lm_heads
-        student_head, teacher_head = heads
+        labels: torch.Tensor | None,
+        num_items_in_batch: Any,
+        lm_heads: tuple[nn.Module, nn.Module] | None,
+        cross_entropy: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        student_head, teacher_head = self._heads(lm_heads)
         return _fused(
             self.kernel(),
             student_hidden,
@@ -488,10 +677,61 @@ class FusedLogitsLoss(nn.Module):
             vocab_alignment=self.vocab_alignment,
             max_vocab_padding=self.max_vocab_padding,
             chunk_size=self.chunk_size,
+            cross_entropy=cross_entropy,
         )
 
+    def forward(
+        self,
+        student_hidden: Any,
+        teacher_hidden: Any,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: Any = None,
+        lm_heads: tuple[nn.Module, nn.Module] | None = None,
+    ) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        arguments = (student_hidden, teacher_hidden, labels, num_items_in_batch, lm_heads)
+        if pending is not None and _same_arguments(pending[0], arguments):
+            return pending[1]
+        value, _ = self._losses(*arguments, cross_entropy=False)
+        assert value is not None
+        return value
+
+    def student_cross_entropy(
+        self,
+        student_hidden: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: Any = None,
+        lm_heads: tuple[nn.Module, nn.Module] | None = None,
+    ) -> torch.Tensor:
+        """The student's cross-entropy with ``labels`` (its lm head on ``student_hidden``,
+        reduced as the divergence: the mean per kept token, or the sum over
+        ``num_items_in_batch``; the sum with ``reduction="sum"``), from the same pass over the
+        chunks as the divergence.
+
+        The divergence is kept, and the next call of the loss with the same arguments (the
+        ``compute_kd_loss`` that follows, say) returns it rather than computing it again; any
+        other call computes afresh. Not with ``reduction="none"``.
+        """
+        arguments = (student_hidden, teacher_hidden, labels, num_items_in_batch, lm_heads)
+        value, cross_entropy = self._losses(*arguments, cross_entropy=True)
+        assert value is not None and cross_entropy is not None
+        self._pending = (arguments, value)
+        return cross_entropy
+
     def extra_repr(self) -> str:
+        heads = ""
+        if self.names_heads:
+            heads = f", student_head={self.student_head!r}, teacher_head={self.teacher_head!r}"
         return (
             f"divergence={self.divergence!r}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}{heads}"
         )
+
+
+def _same_arguments(kept: tuple[Any, ...], given: tuple[Any, ...]) -> bool:
+    """Whether two calls have the very same arguments (the same tensors, equal numbers)."""
+    return all(
+        a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+        for a, b in zip(kept, given, strict=True)
+    )
