@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdcore as kd
+from kdcore import llm
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,7 +170,7 @@ def test_named_heads_let_a_plain_convert_user_skip_the_heads_with_logits_to_keep
     reference = copy.deepcopy(student)
     batch = examples(3, seed=2)
     ids = torch.stack([e["input_ids"] for e in batch])
-    labels = kd.llm.shift_labels(torch.stack([e["labels"] for e in batch]))
+    labels = llm.shift_labels(torch.stack([e["labels"] for e in batch]))
     model = kd.convert(student, [("kd_loss", {
         "teacher_model": teacher,
         "criterion": {("model.norm", "model.norm"): named_heads(divergence="jsd", chunk_size=5)},

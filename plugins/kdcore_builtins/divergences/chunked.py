@@ -24,6 +24,7 @@ from kdcore_builtins.divergences.kernels import Kernel, _ForwardKL, checked_kern
 from kdcore_builtins.divergences.masks import (
     DEFAULT_MAX_VOCAB_PADDING,
     VOCAB_HINT,
+    SharedArguments,
     align_vocabularies,
     check_num_items,
     check_shared_arguments,
@@ -269,23 +270,17 @@ def logit_divergence(
     check them.
     """
     kernel = checked_kernel(divergence, beta=beta, alpha=alpha, k=k, tail_bucket=tail_bucket)
-    temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding = (
-        check_shared_arguments(
-            temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
-        )
+    shared = check_shared_arguments(
+        temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
     )
     return chunked_divergence(
         kernel,
         student_logits,
         teacher_logits,
+        shared,
         what=divergence,
-        temperature=temperature,
-        reduction=reduction,
         labels=labels,
-        ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch,
-        vocab_alignment=vocab_alignment,
-        max_vocab_padding=max_vocab_padding,
     )
 
 
@@ -325,17 +320,14 @@ def chunked_divergence(
     kernel: Kernel,
     student: torch.Tensor,
     teacher: torch.Tensor,
+    shared: SharedArguments,
     *,
     what: str,
-    temperature: float,
-    reduction: str,
     labels: Any,
-    ignore_index: int,
     num_items_in_batch: Any,
-    vocab_alignment: str,
-    max_vocab_padding: int,
     vocab_hint: str = VOCAB_HINT,
 ) -> torch.Tensor:
+    temperature, reduction = shared.temperature, shared.reduction
     _check_logits(student, teacher, what)
     num_items = check_num_items(num_items_in_batch, reduction, what)
     student_vocab, teacher_vocab = student.shape[-1], teacher.shape[-1]
@@ -344,8 +336,8 @@ def chunked_divergence(
         width, teacher_width = align_vocabularies(
             student_vocab,
             teacher_vocab,
-            vocab_alignment=vocab_alignment,
-            max_vocab_padding=max_vocab_padding,
+            vocab_alignment=shared.vocab_alignment,
+            max_vocab_padding=shared.max_vocab_padding,
             what=what,
             shapes=(tuple(student.shape), tuple(teacher.shape)),
             hint=vocab_hint,
@@ -362,7 +354,7 @@ def chunked_divergence(
     kernel.check_fits(width, teacher_width, what)
     positions_shape = tuple(student.shape[:-1])
     chunk_rows = rows_per_chunk(width, CHUNK_ELEMENTS)
-    rows = kept_rows(labels, positions_shape, ignore_index, student.device, what)
+    rows = kept_rows(labels, positions_shape, shared.ignore_index, student.device, what)
     dtype = compute_dtype(student, teacher)
     spec = ChunkSpec(kernel, temperature, width, teacher_width, chunk_rows, dtype)
     per_row = _ChunkedDivergence.apply(student, teacher.detach(), rows, spec)

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from kdcore import UnknownLayerError
 from kdcore.plugin import did_you_mean
-from kdcore.validation import IGNORE_INDEX, check_ignore_index, check_int
+from kdcore.validation import IGNORE_INDEX, check_int
 from kdcore_builtins.divergences.chunked import (
     ChunkSpec,
     Rows,
@@ -33,6 +33,7 @@ from kdcore_builtins.divergences.kernels import (
 )
 from kdcore_builtins.divergences.masks import (
     DEFAULT_MAX_VOCAB_PADDING,
+    SharedArguments,
     align_vocabularies,
     check_num_items,
     check_shared_arguments,
@@ -292,10 +293,8 @@ def fused_linear_divergence(
     about 8M logits per chunk).
     """
     kernel = checked_kernel(divergence, beta=beta, alpha=alpha, k=k, tail_bucket=tail_bucket)
-    temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding = (
-        check_shared_arguments(
-            temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
-        )
+    shared = check_shared_arguments(
+        temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
     )
     divergence_value, _ = _fused(
         kernel,
@@ -305,14 +304,10 @@ def fused_linear_divergence(
         teacher_weight,
         student_bias,
         teacher_bias,
+        shared,
         what=f"fused {divergence}",
-        temperature=temperature,
-        reduction=reduction,
         labels=labels,
-        ignore_index=ignore_index,
         num_items_in_batch=num_items_in_batch,
-        vocab_alignment=vocab_alignment,
-        max_vocab_padding=max_vocab_padding,
         chunk_size=None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1),
     )
     assert divergence_value is not None
@@ -354,15 +349,11 @@ def _fused(
     wt: Any,
     bs: Any,
     bt: Any,
+    shared: SharedArguments,
     *,
     what: str,
-    temperature: float,
-    reduction: str,
     labels: Any,
-    ignore_index: int,
     num_items_in_batch: Any,
-    vocab_alignment: str,
-    max_vocab_padding: int,
     chunk_size: int | None,
     cross_entropy: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -370,6 +361,7 @@ def _fused(
     when ``cross_entropy``), from one pass over the chunks. The cross-entropy is the sum over
     the kept positions with ``reduction="sum"``, else that sum over ``num_items_in_batch`` (or
     over the kept positions): the mean per token of ``"batchmean"`` with labels."""
+    temperature, reduction = shared.temperature, shared.reduction
     hs = _check_hidden(hs, "student", what)
     ws, bs = _check_head(hs, ws, bs, "student", what)
     width = teacher_width = ws.shape[0]
@@ -384,14 +376,14 @@ def _fused(
         width, teacher_width = align_vocabularies(
             ws.shape[0],
             wt.shape[0],
-            vocab_alignment=vocab_alignment,
-            max_vocab_padding=max_vocab_padding,
+            vocab_alignment=shared.vocab_alignment,
+            max_vocab_padding=shared.max_vocab_padding,
             what=what,
         )
         kernel.check_fits(width, teacher_width, what)
     num_items = check_num_items(num_items_in_batch, reduction, what)
     positions_shape = tuple(hs.shape[:-1])
-    rows = kept_rows(labels, positions_shape, ignore_index, hs.device, what)
+    rows = kept_rows(labels, positions_shape, shared.ignore_index, hs.device, what)
     targets = _targets(labels, rows, ws.shape[0], hs.device, what) if cross_entropy else None
     dtype = compute_dtype(*(t for t in (hs, ht, ws, wt) if t is not None))
     chunk = chunk_size or rows_per_chunk(ws.shape[0], FUSED_CHUNK_ELEMENTS)
@@ -465,6 +457,13 @@ def fused_linear_cross_entropy(
         raise ValueError(
             f"fused cross-entropy: reduction must be 'mean' or 'sum', got {reduction!r}"
         )
+    shared = check_shared_arguments(
+        1.0,
+        "batchmean" if reduction == "mean" else "sum",
+        ignore_index,
+        "error",
+        DEFAULT_MAX_VOCAB_PADDING,
+    )
     _, ce = _fused(
         None,
         hidden,
@@ -473,14 +472,10 @@ def fused_linear_cross_entropy(
         None,
         bias,
         None,
+        shared,
         what="fused cross-entropy",
-        temperature=1.0,
-        reduction="batchmean" if reduction == "mean" else "sum",
         labels=labels,
-        ignore_index=check_ignore_index(ignore_index),
         num_items_in_batch=num_items_in_batch,
-        vocab_alignment="error",
-        max_vocab_padding=DEFAULT_MAX_VOCAB_PADDING,
         chunk_size=None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1),
         cross_entropy=True,
     )
@@ -521,7 +516,7 @@ def _check_head_name(head: Any, side: str) -> str | None:
     raise TypeError(f"{side}_head must be the lm head's layer name (e.g. 'lm_head'), got {head!r}")
 
 
-class FusedLogitsLoss(nn.Module):
+class FusedLogitsLoss(nn.Module, SharedArguments):
     """A logit divergence computed from hidden states and the two lm heads, never holding the
     full logits of either model (as Liger Kernel's fused linear JSD/KL, Hsu et al., 2024,
     arXiv 2410.10989).
@@ -579,13 +574,7 @@ class FusedLogitsLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.divergence = check_divergence(divergence)
-        (
-            self.temperature,
-            self.reduction,
-            self.ignore_index,
-            self.vocab_alignment,
-            self.max_vocab_padding,
-        ) = check_shared_arguments(
+        self.set_shared_arguments(
             temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
         )
         self.beta = check_beta(beta)
@@ -668,14 +657,10 @@ class FusedLogitsLoss(nn.Module):
             teacher_head.weight,
             getattr(student_head, "bias", None),
             getattr(teacher_head, "bias", None),
+            self,
             what=type(self).__name__,
-            temperature=self.temperature,
-            reduction=self.reduction,
             labels=labels,
-            ignore_index=self.ignore_index,
             num_items_in_batch=num_items_in_batch,
-            vocab_alignment=self.vocab_alignment,
-            max_vocab_padding=self.max_vocab_padding,
             chunk_size=self.chunk_size,
             cross_entropy=cross_entropy,
         )

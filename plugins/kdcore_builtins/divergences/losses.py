@@ -21,11 +21,11 @@ from kdcore_builtins.divergences.kernels import (
 from kdcore_builtins.divergences.masks import (
     DEFAULT_MAX_VOCAB_PADDING,
     VOCAB_HINT,
-    check_shared_arguments,
+    SharedArguments,
 )
 
 
-class LogitDivergenceLoss(nn.Module):
+class LogitDivergenceLoss(nn.Module, SharedArguments):
     """Base of the chunked logit divergences (not registered itself).
 
     Subclasses name their ``divergence`` (a key of :data:`DIVERGENCES`) and keep its parameters
@@ -48,13 +48,7 @@ class LogitDivergenceLoss(nn.Module):
         max_vocab_padding: int = DEFAULT_MAX_VOCAB_PADDING,
     ) -> None:
         super().__init__()
-        (
-            self.temperature,
-            self.reduction,
-            self.ignore_index,
-            self.vocab_alignment,
-            self.max_vocab_padding,
-        ) = check_shared_arguments(
+        self.set_shared_arguments(
             temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
         )
 
@@ -76,14 +70,10 @@ class LogitDivergenceLoss(nn.Module):
             self.kernel(),
             student,
             teacher,
+            self,
             what=type(self).__name__,
-            temperature=self.temperature,
-            reduction=self.reduction,
             labels=labels,
-            ignore_index=self.ignore_index,
             num_items_in_batch=num_items_in_batch,
-            vocab_alignment=self.vocab_alignment,
-            max_vocab_padding=self.max_vocab_padding,
             vocab_hint=self._vocab_hint,
         )
 

@@ -31,21 +31,46 @@ def check_vocab_alignment(vocab_alignment: Any) -> str:
     return str(vocab_alignment)
 
 
+class SharedArguments:
+    """The arguments every divergence takes, as attributes of their names: the loss classes
+    inherit this (``kd.save`` records their constructor arguments from these attributes), the
+    functional forms use :func:`check_shared_arguments`."""
+
+    temperature: float
+    reduction: str
+    ignore_index: int
+    vocab_alignment: str
+    max_vocab_padding: int
+
+    def set_shared_arguments(
+        self,
+        temperature: Any,
+        reduction: Any,
+        ignore_index: Any,
+        vocab_alignment: Any,
+        max_vocab_padding: Any,
+    ) -> None:
+        """Check the shared arguments and keep them."""
+        self.temperature = check_temperature(temperature)
+        self.reduction = check_reduction(reduction)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.vocab_alignment = check_vocab_alignment(vocab_alignment)
+        self.max_vocab_padding = check_int("max_vocab_padding", max_vocab_padding, minimum=0)
+
+
 def check_shared_arguments(
     temperature: Any,
     reduction: Any,
     ignore_index: Any,
     vocab_alignment: Any,
     max_vocab_padding: Any,
-) -> tuple[float, str, int, str, int]:
-    """The arguments every divergence takes, checked, in this order."""
-    return (
-        check_temperature(temperature),
-        check_reduction(reduction),
-        check_ignore_index(ignore_index),
-        check_vocab_alignment(vocab_alignment),
-        check_int("max_vocab_padding", max_vocab_padding, minimum=0),
+) -> SharedArguments:
+    """The arguments every divergence takes, checked."""
+    shared = SharedArguments()
+    shared.set_shared_arguments(
+        temperature, reduction, ignore_index, vocab_alignment, max_vocab_padding
     )
+    return shared
 
 
 def align_vocabularies(
