@@ -335,3 +335,26 @@ def test_the_student_trained_with_the_fused_criterion_reloads_with_its_head(tmp_
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert torch.equal(reloaded.lm_head.weight, head)
     assert reloaded(input_ids=torch.randint(0, VOCAB, (1, 4))).logits.shape == (1, 4, VOCAB)
+
+
+def test_a_second_backward_with_retain_graph_gives_the_same_gradients() -> None:
+    student, teacher = head_pair()
+    hs = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    ht = torch.randn(3, 5, 10, dtype=torch.float64)
+    loss = FusedLogitsLoss("jsd", chunk_size=4)
+    loss.bind_layers(student, teacher)
+    ce = loss.student_cross_entropy(hs, ht, LABELS)
+    total = 0.4 * loss(hs, ht, LABELS) + 0.6 * ce
+    first = torch.autograd.grad(total, [hs, student.weight], retain_graph=True)
+    second = torch.autograd.grad(total, [hs, student.weight])
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_kdtrainer_evaluates_the_fused_criterion_as_the_plain_one(tmp_path: Path) -> None:
+    metrics = []
+    for name, criterion in (("plain", PLAIN), ("fused", FUSED)):
+        trainer, _ = train(tmp_path / name, criterion, steps=1)
+        trainer.eval_dataset = examples(3, seed=6)
+        metrics.append(trainer.evaluate())
+    for key in ("eval_loss", "eval_student_loss"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-5), key

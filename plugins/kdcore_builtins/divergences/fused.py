@@ -134,9 +134,12 @@ class _FusedLinearLosses(torch.autograd.Function):
                     continue
                 grads, saved = saved[:3], saved[3:]
                 for i, g in enumerate(grads):
-                    if g is not None:
-                        part = g * weight.to(g.dtype)
-                        total[i] = part if total[i] is None else total[i] + part
+                    if g is None:
+                        continue
+                    # One new tensor per gradient: the saved ones stay as they are (retain_graph).
+                    done = total[i]
+                    weight_g = weight.to(g.dtype)
+                    total[i] = g * weight_g if done is None else done.addcmul_(g, weight_g)
             return total[0], None, total[1], None, total[2], *skipped[:5]
         hs, ht, ws, wt, bs, bt, rows = ctx.saved_tensors
         count = kept_count(rows, hs)
