@@ -15,11 +15,12 @@ Every measurement runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_`` set
 blocks go back to the kernel at once, so the resident set follows the live tensors). The
 models, the batch and the parameters' gradients exist before measuring (one warm-up step), so
 the peak (``VmHWM`` after resetting it, minus the resident set before the step) is the step's
-activations and temporaries alone. Then the median time of ``--repeats`` steps. The losses of
-the two variants are printed side by side (float32; they agree to rounding).
+activations and temporaries alone. Then the median time of ``--repeats`` steps. Variants
+alternate over ``--rounds`` (medians over rounds). The losses of the two variants are printed
+side by side (float32; they agree to rounding).
 
     python benchmarks/llm_end_to_end.py [--vocabs 32000,128000,256000] [--tokens 2x512]
-                                        [--repeats 2] [--hidden 128]
+                                        [--repeats 2] [--rounds 1] [--hidden 128]
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument(
         "--hidden", type=int, default=128, help="student hidden size (teacher 1.5x)"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of each variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -154,12 +156,13 @@ def main() -> None:
     print(f"{batch}x{length} tokens, student hidden {args.hidden}, teacher {args.hidden * 3 // 2}")
     rows = []
     for vocab in (int(v) for v in args.vocabs.split(",")):
-        results = {}
-        for variant in ("plain", "fused"):
-            spec = {"variant": variant, "vocab": vocab, "batch": batch, "length": length,
-                    "hidden": args.hidden, "repeats": args.repeats}  # fmt: skip
-            results[variant] = run_child(spec)
-        plain, fused = results["plain"], results["fused"]
+        runs: dict[str, list[dict[str, Any]]] = {"plain": [], "fused": []}
+        for _ in range(args.rounds):  # alternating, so that machine noise hits both alike
+            for variant in runs:
+                spec = {"variant": variant, "vocab": vocab, "batch": batch, "length": length,
+                        "hidden": args.hidden, "repeats": args.repeats}  # fmt: skip
+                runs[variant].append(run_child(spec))
+        plain, fused = (_median(runs[variant]) for variant in ("plain", "fused"))
         rows.append((vocab, plain, fused))
         print(
             f"vocab {vocab}: peak {plain['peak'] / 2**20:.0f} -> {fused['peak'] / 2**20:.0f} MiB "
@@ -174,6 +177,15 @@ def main() -> None:
             f"| {vocab} | {plain['peak'] / 2**20:.0f} | {fused['peak'] / 2**20:.0f} | "
             f"{fused['peak'] / plain['peak']:.3f} | {_times(plain, fused)} |"
         )
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    times = [run["time"] for run in runs if run["time"] is not None]
+    return {
+        "peak": statistics.median(run["peak"] for run in runs),
+        "loss": runs[0]["loss"],
+        "time": statistics.median(times) if times else None,
+    }
 
 
 def _times(plain: dict[str, Any], fused: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,7 @@ class LogitsProbe(TorchDispatchMode):
 
 def train(
     tmp_path: Path, criterion: dict[Any, Any], steps: int, probe: LogitsProbe | None = None,
-    tied: bool = False, checkpointing: bool = False,
+    tied: bool = False, checkpointing: bool = False, kd_loss_weight: Any = 0.6,
 ) -> tuple[Any, Any]:  # fmt: skip
     student = tiny_llama(tied=tied)
     if checkpointing:
@@ -286,7 +287,7 @@ def train(
         kd_config={
             "teacher_model": tiny_llama(hidden=48, seed=1, tied=tied),
             "criterion": criterion,
-            "loss_balancer": {"name": "static", "kd_loss_weight": 0.6},
+            "loss_balancer": {"name": "static", "kd_loss_weight": kd_loss_weight},
         },
         train_dataset=examples(4 * steps, seed=5),
     )
@@ -358,3 +359,14 @@ def test_kdtrainer_evaluates_the_fused_criterion_as_the_plain_one(tmp_path: Path
         metrics.append(trainer.evaluate())
     for key in ("eval_loss", "eval_student_loss"):
         assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-5), key
+
+
+def test_kdtrainer_keeps_the_heads_when_another_loss_captures_them(tmp_path: Path) -> None:
+    criterion = {
+        **FUSED,
+        ("lm_head:input", "lm_head:input"): {"name": "fused_logits", "divergence": "tvd"},
+    }
+    probe = LogitsProbe(2 * LENGTH)
+    _, result = train(tmp_path, criterion, steps=1, probe=probe, kd_loss_weight=[0.4, 0.2])
+    assert probe.seen  # the heads ran on every position, so the second pair saw every one
+    assert math.isfinite(result.training_loss)

@@ -148,6 +148,13 @@ class KDTrainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The micro-batch's loss (see the module docstring).
+
+        With a ``fused_logits`` criterion the student's cross-entropy comes from the fused
+        loss's pass over the chunks (``student_cross_entropy``), not from the logits; when that
+        loss names the lm heads, both models run with ``logits_to_keep=1``, so neither computes
+        ``[tokens, vocabulary]`` logits (the outputs hold the last position's only).
+        """
         if not model.training and not is_distillation_model(self.accelerator.unwrap_model(model)):
             # export_student() gave the student back: evaluate it as transformers.Trainer does
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -311,12 +318,18 @@ def _fused_pair(meta: DistillationModel) -> Any:
 
 def _skips_heads(meta: DistillationModel, fused: Any) -> bool:
     """Whether the models may skip their lm heads: the fused loss names them (so it captures
-    the final hidden states, not the heads' inputs), no other loss wants a whole model's output
-    (the logits), and both forwards take ``logits_to_keep``."""
-    if not getattr(fused.loss, "names_heads", False) or any(
-        pair.student_layer == "" or pair.teacher_layer == "" for pair in meta.kd_state.pairs
-    ):
+    the final hidden states, not the heads' inputs), no loss captures a head or a whole model's
+    output (the logits), and both forwards take ``logits_to_keep``."""
+    if not getattr(fused.loss, "names_heads", False):
         return False
+    student_logits = ("", fused.loss.student_head)
+    teacher_logits = ("", fused.loss.teacher_head)
+    for pair in meta.kd_state.pairs:
+        if (
+            pair.student_layer.partition(":")[0] in student_logits
+            or pair.teacher_layer.partition(":")[0] in teacher_logits
+        ):
+            return False
     forwards = (meta.kd_state.original_class.forward, type(meta.teacher_model).forward)
     return all("logits_to_keep" in inspect.signature(f).parameters for f in forwards)
 
