@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
 
 KD_WEIGHT = 0.5
@@ -84,6 +85,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         if fused
         else {("", ""): {"name": "forward_kl", "temperature": 2.0}}
     )  # fmt: skip
+    warnings.simplefilter("ignore", kd.NotRecordableWarning)  # a teacher instance: not saved here
     model = kd.convert(llama(hidden, 0), [("kd_loss", {
         "teacher_model": llama(hidden + hidden // 2, 1),
         "criterion": criterion,
@@ -108,7 +110,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             )
         loss = model.compute_kd_loss(student_loss=student_loss, labels=labels)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up: the parameters' gradients exist from now on
     _reset_peak()

@@ -95,7 +95,9 @@ class _FusedLinearLosses(torch.autograd.Function):
             s = F.linear(hs_chunk, ws[:columns], None if bs is None else bs[:columns])
             if spec.kernel is not None:
                 assert ht_rows is not None and wt is not None
-                a, b = _scaled_pair(spec, s, ht_rows, wt, bt, rows, start, stop)
+                a, b = _scaled_pair(
+                    spec, s, ht_rows, wt, bt, rows, start, stop, keep_student=targets is not None
+                )
                 A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
                 loss, g = run_kernel(spec, a, b, A, B, True, kd_grads is not None)
                 assert loss is not None
@@ -150,7 +152,7 @@ class _FusedLinearLosses(torch.autograd.Function):
             stop = min(start + spec.chunk_rows, count)
             hs_chunk = hs_rows.take(rows, start, stop)
             s = F.linear(hs_chunk, ws[: spec.width], None if bs is None else bs[: spec.width])
-            a, b = _scaled_pair(spec, s, ht_rows, wt, bt, rows, start, stop)
+            a, b = _scaled_pair(spec, s, ht_rows, wt, bt, rows, start, stop, keep_student=False)
             A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
             _, g = run_kernel(spec, a, b, A, B, False, True)
             assert g is not None
@@ -168,11 +170,23 @@ def _scaled_pair(
     rows: torch.Tensor | None,
     start: int,
     stop: int,
+    keep_student: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's scaled student logits and the teacher's, aligned (``spec.width`` columns)."""
+    """The chunk's scaled student logits and the teacher's, aligned (``spec.width`` columns).
+
+    ``student`` is scaled in place unless ``keep_student`` (the cross-entropy reads it after)."""
     tw = spec.teacher_width
     teacher = F.linear(ht_rows.take(rows, start, stop), wt[:tw], None if bt is None else bt[:tw])
-    return spec.scaled(student, spec.width), spec.scaled(teacher, tw)
+    a = spec.scaled(student, spec.width) if keep_student else _scaled_in_place(spec, student)
+    return a, _scaled_in_place(spec, teacher)
+
+
+def _scaled_in_place(spec: ChunkSpec, logits: torch.Tensor) -> torch.Tensor:
+    """``spec.scaled(logits)``, in ``logits``' own storage when it already has the compute dtype
+    and all the columns (a chunk's fresh logits: one ``[c, V]`` temporary less)."""
+    if logits.dtype != spec.dtype or logits.shape[1] != spec.width:
+        return spec.scaled(logits, min(logits.shape[1], spec.width))
+    return logits.div_(spec.temperature) if spec.temperature != 1.0 else logits
 
 
 def _cross_entropy_chunk(
