@@ -36,7 +36,8 @@ With kdcore (``from kdcore import llm``)::
 
 (the divergences of the built-in divergence criteria with ``reduction="batchmean"`` divide
 their sum by ``num_items_in_batch``; normalise the student's cross-entropy the same way, with
-``reduction="sum"`` and ``/ n``).
+``reduction="sum"`` and ``/ n``, or with ``fused_linear_cross_entropy(hidden, weight, labels,
+num_items_in_batch=n)`` of ``kdcore_builtins.divergences``, which never holds the logits).
 """
 
 from __future__ import annotations
