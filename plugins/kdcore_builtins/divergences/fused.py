@@ -47,6 +47,11 @@ from kdcore_builtins.divergences.masks import (
 FUSED_CHUNK_ELEMENTS = 1 << 23
 
 
+#: No gradient for the inputs of :class:`_FusedLinearLosses` after the student's bias (the
+#: teacher's bias, rows, targets, spec, eager).
+_CONSTANT_INPUTS = (None,) * 5
+
+
 class _FusedLinearLosses(torch.autograd.Function):
     """From one pass over chunks of rows of ``hs @ ws.T + bs``: the divergence from
     ``ht @ wt.T + bt`` (when ``spec.kernel`` is set) and the cross-entropy with ``targets`` (when
@@ -127,7 +132,6 @@ class _FusedLinearLosses(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_kd: torch.Tensor, grad_ce: torch.Tensor) -> Any:
         spec: ChunkSpec = ctx.spec
-        skipped = (None,) * 7
         if ctx.eager:
             saved = list(ctx.saved_tensors)
             total: list[torch.Tensor | None] = [None, None, None]
@@ -142,7 +146,7 @@ class _FusedLinearLosses(torch.autograd.Function):
                     done = total[i]
                     weight_g = weight.to(g.dtype)
                     total[i] = g * weight_g if done is None else done.addcmul_(g, weight_g)
-            return total[0], None, total[1], None, total[2], *skipped[:5]
+            return total[0], None, total[1], None, total[2], *_CONSTANT_INPUTS
         hs, ht, ws, wt, bs, bt, rows = ctx.saved_tensors
         count = kept_count(rows, hs)
         accumulate = _FusedGrads(hs, ws, bs, rows, ctx.needs_input_grad, count)
@@ -158,7 +162,7 @@ class _FusedLinearLosses(torch.autograd.Function):
             assert g is not None
             accumulate.add(hs_chunk, g.mul_(weights[start:stop, None]), start, stop)
         grad_hs, grad_ws, grad_bs = accumulate.finish()
-        return grad_hs, None, grad_ws, None, grad_bs, *skipped[:5]
+        return grad_hs, None, grad_ws, None, grad_bs, *_CONSTANT_INPUTS
 
 
 def _scaled_pair(
