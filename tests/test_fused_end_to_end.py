@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +372,56 @@ def test_kdtrainer_keeps_the_heads_when_another_loss_captures_them(tmp_path: Pat
     _, result = train(tmp_path, criterion, steps=1, probe=probe, kd_loss_weight=[0.4, 0.2])
     assert probe.seen  # the heads ran on every position, so the second pair saw every one
     assert math.isfinite(result.training_loss)
+
+
+# ====================================================================== FSDP2
+@pytest.fixture
+def process_group(tmp_path: Path) -> Iterator[None]:
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        gc.collect()  # FSDP2's reference cycles hold the group
+        dist.destroy_process_group()
+        gc.collect()
+
+
+@pytest.mark.parametrize(
+    "own_units", [False, True], ids=["heads-in-the-root", "heads-sharded-alone"]
+)
+def test_fsdp2_sharded_heads_are_gathered_for_the_loss_and_released_after(
+    process_group: None, own_units: bool
+) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    student, teacher = tiny_llama(), tiny_llama(hidden=48, seed=1)
+    reference = copy.deepcopy(student)
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    labels = llm.shift_labels(ids)
+    model = kd.convert(student, [("kd_loss", {"teacher_model": teacher, "criterion": FUSED})])
+    units = [*model.model.layers]
+    if own_units:  # resharded after their own forward: the loss must gather them
+        units += [model.lm_head, model.teacher_model.lm_head]
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+    model(input_ids=ids, logits_to_keep=1)
+    fused = model.compute_kd_loss(labels=labels)
+    if own_units:
+        assert hasattr(model.teacher_model.lm_head.weight, "placements")  # released
+    fused.backward()
+    assert hasattr(model.lm_head.weight, "placements")  # released after backward
+
+    with torch.no_grad():
+        teacher_logits = tiny_llama(hidden=48, seed=1)(input_ids=ids).logits
+    plain = logit_divergence(
+        reference(input_ids=ids).logits, teacher_logits, temperature=2.0, labels=labels
+    )
+    plain.backward()
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
+    sharded = dict(model.named_parameters())
+    for name, parameter in reference.named_parameters():
+        grad = sharded[name].grad
+        assert grad is not None, name
+        torch.testing.assert_close(grad.full_tensor(), parameter.grad, atol=1e-6, rtol=1e-4)

@@ -3,7 +3,9 @@ a chunk of positions at a time, never holding either model's full logits."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -573,8 +575,9 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
     (and tied embeddings) and its hidden states. ``forward(student_hidden, teacher_hidden,
     labels=None, num_items_in_batch=None, lm_heads=None)``; ``lm_heads=(student_head,
     teacher_head)`` overrides the bound heads. :meth:`student_cross_entropy` gives the student's
-    own loss from the same pass. Under FSDP/ZeRO-3 the heads' weights must be gathered when
-    the loss runs.
+    own loss from the same pass. A head that FSDP2 shards as its own unit is gathered for the
+    loss and released after (the teacher's at once, the student's by FSDP's post-backward);
+    heads in the root unit are whole after the forward anyway. DeepSpeed ZeRO-3 is not handled.
     """
 
     def __init__(
@@ -670,21 +673,23 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
         cross_entropy: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         student_head, teacher_head = self._heads(lm_heads)
-        return _fused(
-            self.kernel(),
-            student_hidden,
-            teacher_hidden,
-            student_head.weight,
-            teacher_head.weight,
-            getattr(student_head, "bias", None),
-            getattr(teacher_head, "bias", None),
-            self,
-            what=type(self).__name__,
-            labels=labels,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.chunk_size,
-            cross_entropy=cross_entropy,
-        )
+        # The student's head stays gathered for backward (FSDP's post-backward reshards it).
+        with _gathered(student_head, keep=torch.is_grad_enabled()), _gathered(teacher_head):
+            return _fused(
+                self.kernel(),
+                student_hidden,
+                teacher_hidden,
+                student_head.weight,
+                teacher_head.weight,
+                getattr(student_head, "bias", None),
+                getattr(teacher_head, "bias", None),
+                self,
+                what=type(self).__name__,
+                labels=labels,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=self.chunk_size,
+                cross_entropy=cross_entropy,
+            )
 
     def forward(
         self,
@@ -733,6 +738,23 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
             f"divergence={self.divergence!r}, temperature={self.temperature}, "
             f"reduction={self.reduction!r}{heads}"
         )
+
+
+@contextlib.contextmanager
+def _gathered(head: nn.Module, keep: bool = False) -> Iterator[None]:
+    """``head``'s weights whole while the loss reads them, where FSDP2 shards them (its own
+    ``fully_shard`` unit, resharded after its forward): gathered, and released after unless
+    ``keep``."""
+    sharded = hasattr(getattr(head, "weight", None), "placements") and callable(
+        getattr(head, "unshard", None)
+    )
+    if sharded:
+        head.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        if sharded and not keep:
+            head.reshard()  # type: ignore[operator]
 
 
 def _same_arguments(kept: tuple[Any, ...], given: tuple[Any, ...]) -> bool:
