@@ -49,6 +49,7 @@ from kdcore._modes import NotADistillationModelWarning, check, convert, export
 from kdcore._plugin_manager import PluginHost, PluginWarning, registries, use_host
 from kdcore._record import NotRecordableWarning
 from kdcore._references import UntrustedReferenceError, teacher_factory
+from kdcore._teacher_cache import TeacherCacheError, cache_teacher
 
 __version__ = "0.1.0"
 
@@ -109,11 +110,13 @@ __all__ = [
     "PluginWarning",
     "StaticLossBalancer",
     "StudentLossWeightWarning",
+    "TeacherCacheError",
     "UnknownLayerError",
     "UnknownNameError",
     "UnknownPluginError",
     "UntrustedReferenceError",
     "__version__",
+    "cache_teacher",
     "check",
     "convert",
     "export",

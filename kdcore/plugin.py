@@ -48,6 +48,7 @@ from kdcore._references import UntrustedReferenceError, reference_of, resolve, t
 from kdcore._registry import Provider, Registry
 from kdcore._run_logger import RunLogger
 from kdcore._strict_json import DuplicateKeyError, no_duplicate_keys
+from kdcore._teacher_cache import SparseTeacherOutput, TeacherCache, model_inputs
 
 __all__ = [
     "CheckpointBackend",
@@ -72,6 +73,8 @@ __all__ = [
     "Registry",
     "RunLogger",
     "TeacherCall",
+    "SparseTeacherOutput",
+    "TeacherCache",
     "TensorInfo",
     "UntrustedReferenceError",
     "atomic_write",
@@ -83,6 +86,7 @@ __all__ = [
     "inspect_checkpoint",
     "instantiate",
     "is_distillation_model",
+    "model_inputs",
     "no_duplicate_keys",
     "open_regular",
     "plan_distillation",

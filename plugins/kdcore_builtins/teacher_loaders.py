@@ -1,4 +1,5 @@
-"""The built-in teacher loader: ``callable`` (any function or class named ``module:qualname``)."""
+"""The built-in teacher loaders: ``callable`` (any function or class named ``module:qualname``)
+and ``cached`` (a teacher cache, :mod:`kdcore_builtins.cached_teacher`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 import kdcore
 from kdcore import ConfigTypeError
 from kdcore.plugin import Registry, resolve
+from kdcore_builtins.cached_teacher import load_cached_teacher
 
 
 def load_callable_teacher(
@@ -40,3 +42,4 @@ load_callable_teacher.validate = validate_callable_teacher  # type: ignore[attr-
 @kdcore.hookimpl
 def kdcore_register_teacher_loaders(registry: Registry[Any]) -> None:
     registry.add("callable", load_callable_teacher)
+    registry.add("cached", load_cached_teacher)

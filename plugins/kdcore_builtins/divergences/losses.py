@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kdcore.plugin import SparseTeacherOutput
 from kdcore.validation import IGNORE_INDEX, as_logits
 from kdcore_builtins.divergences.chunked import chunked_divergence
 from kdcore_builtins.divergences.kernels import (
@@ -64,6 +65,12 @@ class LogitDivergenceLoss(nn.Module, SharedArguments):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
         student, teacher = student_output, teacher_output
+        if isinstance(teacher, SparseTeacherOutput):  # a cached teacher (kd.cache_teacher)
+            from kdcore_builtins.divergences.sparse import sparse_divergence
+
+            return sparse_divergence(
+                self, as_logits(student, "student"), teacher, labels, num_items_in_batch
+            )
         if type(student) is not torch.Tensor or type(teacher) is not torch.Tensor:
             student, teacher = as_logits(student, "student"), as_logits(teacher, "teacher")
         return chunked_divergence(

@@ -1,0 +1,647 @@
+"""Offline distillation: a teacher's sparse output distribution, cached once, read by example.
+
+:func:`cache_teacher` runs the teacher over a data set once and keeps, per position, the
+teacher's top-k log-probabilities (at the cache's temperature) and the log of the mass outside
+them (the tail). :class:`TeacherCache` reads it back by example: each example is keyed by a
+fingerprint of its inputs, so a student's batches may come in any order, shuffled, over any
+number of epochs or ranks. The ``cached`` teacher loader turns a cache into a teacher whose
+output is a :class:`SparseTeacherOutput`, which ``topk_kl`` and ``forward_kl`` accept.
+
+The format (a folder, never code):
+
+- ``manifest.json``: what the cache depends on (the teacher spec and a fingerprint of its
+  weights, the vocabulary size, ``top_k``/``top_p``, temperature, compression) and its
+  complete shards, in order;
+- ``shard-NNNNN.safetensors``, one per ``examples_per_shard`` examples: ``fingerprints``
+  (uint8 [n, 16], one per example), ``offsets`` (int64 [n + 1], each example's first position
+  row), ``positions`` (int64 [P], a row's position within its example, flattened), ``indices``
+  (the [P, k] vocabulary indices bit-packed at ceil(log2 V) bits, uint8), ``values`` ([P, k]
+  teacher logits / T at those entries, float32 or bfloat16; -inf where ``top_p`` kept fewer
+  than k), ``logsumexp`` (float32 [P], over all the row's logits / T) and ``tail`` (float32
+  [P], over the others). Logits and log-sum-exps rather than log-probabilities, so that the
+  loss computes its log-probabilities with the same operations as online ``topk_kl``.
+
+A shard is written to a temporary file, fsynced and renamed, and only then listed in the
+manifest (also replaced atomically): a run killed at any point leaves the shards listed so far,
+and the next run with the same arguments skips the examples they hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdcore._atomic_io import atomic_write
+from kdcore._errors import ConfigError, KDCoreError, did_you_mean, shown
+from kdcore.llm import shift_labels
+from kdcore.validation import IGNORE_INDEX, as_logits
+
+__all__ = [
+    "SparseTeacherOutput",
+    "TeacherCache",
+    "TeacherCacheError",
+    "cache_teacher",
+    "input_fingerprints",
+]
+
+FORMAT = "kdcore-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+COMPRESSIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FINGERPRINT_BYTES = 16
+_SHARD_TENSORS = ("fingerprints", "offsets", "positions", "indices", "values", "logsumexp", "tail")
+
+
+class TeacherCacheError(KDCoreError, ValueError):
+    """A teacher cache that cannot be written or read as asked (names the file and the value)."""
+
+
+# ---- fingerprints ------------------------------------------------------------------------
+
+
+def input_fingerprints(inputs: torch.Tensor) -> list[bytes]:
+    """One 16-byte fingerprint per example (first dimension) of ``inputs``: its dtype, shape and
+    values. Integer inputs (token ids) count as int64, so int32 and int64 ids of the same tokens
+    match; examples must be padded the same way when cached and when trained on."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        raise TeacherCacheError(
+            f"the teacher cache keys examples by their input tensor [B, ...]; got {shown(inputs)}"
+        )
+    x = inputs.detach().cpu()
+    x = x.contiguous() if x.is_floating_point() else x.to(torch.int64).contiguous()
+    head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
+    rows = x.reshape(x.shape[0], -1).view(torch.uint8).numpy()
+    return [hashlib.sha256(head + row.tobytes()).digest()[:FINGERPRINT_BYTES] for row in rows]
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- bit packing -------------------------------------------------------------------------
+
+
+def index_bits(vocab_size: int) -> int:
+    """Bits per vocabulary index: ceil(log2 V), at least 1."""
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers below ``2**bits`` packed little-endian into a uint8 tensor."""
+    flat = values.reshape(-1).to(torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)])
+    weights = (1 << torch.arange(8, dtype=torch.int64)).to(torch.uint8)
+    return (stream.reshape(-1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, first: int, count: int) -> torch.Tensor:
+    """Entries ``first .. first + count`` of a stream written by :func:`pack_bits`, where
+    ``packed`` starts at byte ``first * bits // 8`` of the stream (a slice is enough)."""
+    skip = first * bits % 8
+    stream = (packed[:, None].to(torch.int64) >> torch.arange(8)) & 1
+    stream = stream.reshape(-1)[skip : skip + count * bits].reshape(count, bits)
+    return (stream << torch.arange(bits)).sum(-1)
+
+
+def packed_byte_range(first: int, count: int, bits: int) -> tuple[int, int]:
+    return first * bits // 8, -(-(first + count) * bits // 8)
+
+
+# ---- the sparse teacher output -----------------------------------------------------------
+
+
+class SparseTeacherOutput:
+    """A teacher's cached sparse distribution for a batch, in place of its logits.
+
+    ``indices`` (int64) and ``logits`` (float32, -inf where fewer than ``top_k`` were kept)
+    are ``[*positions, top_k]``: the kept vocabulary entries and the teacher's
+    ``logits / temperature`` there; ``logsumexp`` and ``tail_logsumexp`` ``[*positions]`` are
+    the log-sum-exps of all of ``logits / temperature`` and of those not kept (so the kept
+    log-probabilities are ``logits - logsumexp``, the tail's ``tail_logsumexp - logsumexp``);
+    ``covered`` ``[*positions]`` says which positions the cache holds (a causal LM's cache skips
+    the positions whose shifted label is -100).
+    """
+
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        logits: torch.Tensor,
+        logsumexp: torch.Tensor,
+        tail_logsumexp: torch.Tensor,
+        covered: torch.Tensor,
+        *,
+        vocab_size: int,
+        temperature: float,
+        source: str,
+    ) -> None:
+        self.indices, self.logits, self.covered = indices, logits, covered
+        self.logsumexp, self.tail_logsumexp = logsumexp, tail_logsumexp
+        self.vocab_size, self.temperature, self.source = vocab_size, temperature, source
+
+    @property
+    def shape(self) -> torch.Size:
+        """The positions' shape (the logits' shape without the vocabulary)."""
+        return self.covered.shape
+
+    def to(self, device: torch.device | str) -> SparseTeacherOutput:
+        return SparseTeacherOutput(
+            self.indices.to(device),
+            self.logits.to(device),
+            self.logsumexp.to(device),
+            self.tail_logsumexp.to(device),
+            self.covered.to(device),
+            vocab_size=self.vocab_size,
+            temperature=self.temperature,
+            source=self.source,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseTeacherOutput(shape={tuple(self.shape)}, top_k={self.indices.shape[-1]}, "
+            f"vocab_size={self.vocab_size}, temperature={self.temperature}, from {self.source})"
+        )
+
+
+# ---- batches -----------------------------------------------------------------------------
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tensor, Any]:
+    """``(args, kwargs, inputs, labels)`` of a data-set batch: a tensor of inputs, a tuple
+    ``(inputs, labels, ...)`` or a mapping with ``input_ids`` (and optionally ``labels``). The
+    teacher is called with ``args``/``kwargs``; ``inputs`` keys the examples."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, batch, None
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise TeacherCacheError(
+                f"a mapping batch needs 'input_ids' (they key the cache); got keys "
+                f"{shown(sorted(batch))}"
+            )
+        kwargs = {key: value for key, value in batch.items() if key != "labels"}
+        return (), kwargs, batch["input_ids"], batch.get("labels")
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],), {}, batch[0], batch[1] if len(batch) > 1 else None
+    raise TeacherCacheError(
+        "a batch must be an input tensor, a tuple (inputs, labels) or a mapping with "
+        f"'input_ids'; got {type(batch).__name__}"
+    )
+
+
+def model_inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The tensor that keys a teacher call's examples (``input_ids``, else the first argument)."""
+    if "input_ids" in kwargs:
+        return kwargs["input_ids"]  # type: ignore[no-any-return]
+    if args:
+        return args[0]  # type: ignore[no-any-return]
+    raise TeacherCacheError(
+        f"the cached teacher needs the batch's inputs (first argument or input_ids=); got "
+        f"keywords {shown(sorted(kwargs))}"
+    )
+
+
+def kept_positions(logits: torch.Tensor, labels: Any) -> torch.Tensor:
+    """Bool ``[B, ...]`` of the positions to cache: with per-token labels of a causal LM (logits
+    ``[B, S, V]``, labels ``[B, S]``), those whose shifted label is not -100; else all."""
+    keep = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    if (
+        isinstance(labels, torch.Tensor)
+        and logits.dim() == 3
+        and tuple(labels.shape) == tuple(logits.shape[:-1])
+    ):
+        keep = shift_labels(labels.to(logits.device)) != IGNORE_INDEX
+    return keep
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+
+def sparse_distribution(
+    logits: torch.Tensor, top_k: int, top_p: float | None, temperature: float
+) -> tuple[torch.Tensor, ...]:
+    """``(indices, kept logits, logsumexp, tail logsumexp)`` of rows of logits ``[N, V]``, scaled
+    by ``1 / temperature`` in float32 as the online ``topk_kl`` computes them."""
+    b = logits.to(torch.float32) if logits.dtype != torch.float64 else logits
+    if temperature != 1.0:
+        b = b / temperature
+    lse = torch.logsumexp(b, -1)
+    top = b.topk(top_k, dim=-1).indices  # sorted: largest first
+    kept = b.gather(-1, top)
+    if top_p is not None:  # keep the smallest prefix reaching top_p; pad with the first index
+        probs = (kept - lse[:, None]).exp()
+        dropped = probs.cumsum(-1) - probs >= top_p
+        kept = kept.masked_fill(dropped, -math.inf)
+        top = torch.where(dropped, top[:, :1], top)
+    tail = torch.logsumexp(b.scatter(-1, top, -math.inf), -1)
+    return top, kept.float(), lse.float(), tail.float()
+
+
+class _ShardBuffer:
+    def __init__(self) -> None:
+        self.fingerprints: list[bytes] = []
+        self.counts: list[int] = []
+        self.positions: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.logsumexp: list[torch.Tensor] = []
+        self.tail: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+
+def _teacher_record(teacher: Any) -> tuple[nn.Module, dict[str, Any]]:
+    from kdcore._config import PluginRef
+    from kdcore._converter import teacher_spec, unstructure
+    from kdcore._teacher import build_teacher, canonical_loader_spec
+
+    if isinstance(teacher, nn.Module):
+        spec: Any = f"{type(teacher).__module__}.{type(teacher).__qualname__} instance"
+        module = teacher
+    else:
+        where = "cache_teacher(teacher=...)"
+        typed = teacher_spec(teacher, path=where)
+        module = build_teacher(typed, path=where)
+        spec = (
+            unstructure(canonical_loader_spec(typed))
+            if isinstance(typed, PluginRef)
+            else shown(teacher)
+        )
+    return module, {"spec": spec, "fingerprint": weights_fingerprint(module)}
+
+
+def cache_teacher(
+    teacher: Any,
+    data: Iterable[Any],
+    path: str | os.PathLike[str],
+    *,
+    top_k: int = 64,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    compression: str = "float32",
+    examples_per_shard: int = 1024,
+    device: torch.device | str | None = None,
+) -> Path:
+    """Run ``teacher`` over ``data`` once and cache its sparse output distribution at ``path``.
+
+    ``teacher`` is an ``nn.Module`` or any teacher spec ``kd.convert`` accepts; ``data`` yields
+    batches: an input tensor, a tuple ``(inputs, labels)`` or a mapping with ``input_ids`` (and
+    ``labels``: a causal LM's positions whose shifted label is -100 are skipped). Per position the
+    cache keeps the ``top_k`` largest log-probabilities of ``softmax(logits / temperature)``
+    (with ``top_p``, only the smallest prefix whose mass reaches it) and the tail's log-mass.
+    ``compression`` is ``"float32"`` (lossless: training from it equals online ``topk_kl``) or
+    ``"bfloat16"``. Rerunning after a kill resumes after the last complete shard; a folder
+    written with other arguments or another teacher is refused. Returns the folder::
+
+        kd.cache_teacher(teacher, loader, "cache/", top_k=64)
+        kd.convert(student, [("kd_loss", {"teacher_model": {"name": "cached", "path": "cache/"},
+                                          "criterion": {"name": "topk_kl", "k": 64}})])
+    """
+    from kdcore.validation import check_int, check_temperature, check_unit_interval
+
+    top_k = check_int("top_k", top_k, minimum=1)
+    examples_per_shard = check_int("examples_per_shard", examples_per_shard, minimum=1)
+    temperature = check_temperature(temperature)
+    if top_p is not None:
+        top_p = check_unit_interval("top_p", top_p)
+    if compression not in COMPRESSIONS:
+        raise ConfigError(
+            f"is {shown(compression)}; expected one of {', '.join(COMPRESSIONS)}"
+            + did_you_mean(str(compression), COMPRESSIONS),
+            path="cache_teacher(compression=...)",
+        )
+    module, teacher_record = _teacher_record(teacher)
+    folder = Path(path)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": teacher_record,
+        "vocab_size": None,
+        "position_dims": None,
+        "top_k": top_k,
+        "top_p": top_p,
+        "temperature": temperature,
+        "compression": compression,
+        "shards": [],
+    }
+    done: set[bytes] = set()
+    if (folder / MANIFEST).exists():
+        cache = TeacherCache(folder)
+        _check_same_settings(cache.manifest, manifest, folder)
+        manifest = cache.manifest
+        done = set(cache.index)
+        cache.close()
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_manifest(folder, manifest)
+    was_training = module.training
+    module.eval()
+    buffer = _ShardBuffer()
+    try:
+        with torch.inference_mode():
+            for batch in data:
+                args, kwargs, inputs, labels = split_batch(batch)
+                fingerprints = input_fingerprints(inputs)
+                todo = [i for i, f in enumerate(fingerprints) if f not in done]
+                if not todo:
+                    continue
+                if device is not None:
+                    args = tuple(_to(a, device) for a in args)
+                    kwargs = {key: _to(value, device) for key, value in kwargs.items()}
+                logits = as_logits(module(*args, **kwargs), "teacher")
+                vocab = int(logits.shape[-1])
+                if manifest["vocab_size"] is None:
+                    manifest["vocab_size"], manifest["position_dims"] = vocab, logits.dim() - 2
+                elif manifest["vocab_size"] != vocab:
+                    raise TeacherCacheError(
+                        f"{folder}: the teacher's vocabulary is {vocab} here, "
+                        f"{manifest['vocab_size']} in earlier batches"
+                    )
+                if top_k > vocab:
+                    raise TeacherCacheError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
+                keep = kept_positions(logits, labels)
+                for i in todo:
+                    if fingerprints[i] in done:  # a duplicate within the data set
+                        continue
+                    done.add(fingerprints[i])
+                    rows = logits[i].reshape(-1, vocab)
+                    where = keep[i].reshape(-1).nonzero().squeeze(-1)
+                    idx, kept, lse, tail = sparse_distribution(
+                        rows[where], top_k, top_p, temperature
+                    )
+                    buffer.fingerprints.append(fingerprints[i])
+                    buffer.counts.append(int(where.numel()))
+                    buffer.positions.append(where.cpu())
+                    buffer.indices.append(idx.cpu())
+                    buffer.values.append(kept.cpu())
+                    buffer.logsumexp.append(lse.cpu())
+                    buffer.tail.append(tail.cpu())
+                    if len(buffer) == examples_per_shard:
+                        _flush(folder, manifest, buffer)
+                        buffer = _ShardBuffer()
+        if len(buffer):
+            _flush(folder, manifest, buffer)
+    finally:
+        module.train(was_training)
+    return folder
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _check_same_settings(found: dict[str, Any], asked: dict[str, Any], folder: Path) -> None:
+    for key in ("top_k", "top_p", "temperature", "compression", "teacher"):
+        if found.get(key) != asked[key]:
+            raise TeacherCacheError(
+                f"{folder} holds a cache written with {key}={shown(found.get(key))}, not "
+                f"{shown(asked[key])}; resume with the same teacher and arguments, or use "
+                "another folder"
+            )
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    with atomic_write(folder / MANIFEST) as file:
+        file.write(json.dumps(manifest, indent=1).encode())
+
+
+def _flush(folder: Path, manifest: dict[str, Any], buffer: _ShardBuffer) -> None:
+    from safetensors.torch import save
+
+    vocab = manifest["vocab_size"]
+    counts = torch.tensor([0, *buffer.counts], dtype=torch.int64)
+    top_k = manifest["top_k"]
+    indices = torch.cat(buffer.indices) if buffer.indices else torch.zeros(0, top_k)
+    tensors = {
+        "fingerprints": torch.tensor(
+            [list(f) for f in buffer.fingerprints], dtype=torch.uint8
+        ).reshape(-1, FINGERPRINT_BYTES),
+        "offsets": counts.cumsum(0),
+        "positions": torch.cat(buffer.positions).to(torch.int64),
+        "indices": pack_bits(indices, index_bits(vocab)),
+        "values": torch.cat(buffer.values).to(COMPRESSIONS[manifest["compression"]]),
+        "logsumexp": torch.cat(buffer.logsumexp),
+        "tail": torch.cat(buffer.tail),
+    }
+    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+    with atomic_write(folder / name) as file:
+        file.write(save({key: t.contiguous() for key, t in tensors.items()}))
+    manifest["shards"].append(
+        {"file": name, "examples": len(buffer), "positions": int(counts.sum())}
+    )
+    _write_manifest(folder, manifest)
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+
+class TeacherCache:
+    """A teacher cache opened for reading: the manifest, checked, and an index from example
+    fingerprints to their shard and row. Shards are memory-mapped (``safetensors.safe_open``)
+    and read one example's rows at a time: a whole shard is never loaded."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.folder = Path(path)
+        self.manifest = read_manifest(self.folder)
+        self.vocab_size: int = self.manifest["vocab_size"] or 0
+        self.top_k: int = self.manifest["top_k"]
+        self.bits = index_bits(self.vocab_size) if self.vocab_size else 0
+        self.index: dict[bytes, tuple[int, int]] = {}
+        self._shards: list[Any] = []
+        self._offsets: list[torch.Tensor] = []
+        for number, entry in enumerate(self.manifest["shards"]):
+            self._open_shard(number, entry)
+
+    def _open_shard(self, number: int, entry: dict[str, Any]) -> None:
+        from safetensors import safe_open
+
+        file = self.folder / entry["file"]
+        try:
+            shard = safe_open(str(file), framework="pt")
+        except Exception as exc:  # safetensors raises its own errors on a truncated header
+            raise TeacherCacheError(f"{file}: not a readable safetensors shard ({exc})") from None
+        present = set(shard.keys())
+        missing = [name for name in _SHARD_TENSORS if name not in present]
+        if missing:
+            raise TeacherCacheError(f"{file}: missing tensors {shown(missing)}")
+        n, positions = entry["examples"], entry["positions"]
+        k = self.top_k
+        expected = {
+            "fingerprints": [n, FINGERPRINT_BYTES],
+            "offsets": [n + 1],
+            "positions": [positions],
+            "indices": [-(-positions * k * self.bits // 8)],
+            "values": [positions, k],
+            "logsumexp": [positions],
+            "tail": [positions],
+        }
+        for name, shape in expected.items():
+            found = shard.get_slice(name).get_shape()
+            if list(found) != shape:
+                raise TeacherCacheError(
+                    f"{file}: tensor {name!r} has shape {found}, the manifest implies {shape}"
+                )
+        try:
+            offsets = shard.get_tensor("offsets")
+            fingerprints = shard.get_tensor("fingerprints")
+        except Exception as exc:  # a truncated file: the header promises more than is there
+            raise TeacherCacheError(f"{file}: truncated or corrupt ({exc})") from None
+        if offsets[0] != 0 or offsets[-1] != positions or (offsets.diff() < 0).any():
+            raise TeacherCacheError(f"{file}: 'offsets' do not run from 0 to {positions}")
+        for row, fingerprint in enumerate(fingerprints.numpy()):
+            self.index.setdefault(fingerprint.tobytes(), (number, row))
+        self._shards.append(shard)
+        self._offsets.append(offsets)
+
+    def close(self) -> None:
+        self._shards.clear()
+
+    @property
+    def examples(self) -> int:
+        return len(self.index)
+
+    def rows(self, fingerprint: bytes) -> tuple[torch.Tensor, ...]:
+        """``(positions, indices, logits, logsumexp, tail)`` of one cached example."""
+        number, row = self.index[fingerprint]
+        shard, offsets = self._shards[number], self._offsets[number]
+        start, stop = int(offsets[row]), int(offsets[row + 1])
+        file = self.folder / self.manifest["shards"][number]["file"]
+        k = self.top_k
+        first_byte, end_byte = packed_byte_range(start * k, (stop - start) * k, self.bits)
+        try:
+            positions = shard.get_slice("positions")[start:stop]
+            packed = shard.get_slice("indices")[first_byte:end_byte]
+            values = shard.get_slice("values")[start:stop].to(torch.float32)
+            lse = shard.get_slice("logsumexp")[start:stop]
+            tail = shard.get_slice("tail")[start:stop]
+        except Exception as exc:
+            raise TeacherCacheError(f"{file}: truncated or corrupt ({exc})") from None
+        indices = unpack_bits(packed, self.bits, start * k, (stop - start) * k).reshape(-1, k)
+        if indices.numel() and int(indices.max()) >= self.vocab_size:
+            raise TeacherCacheError(
+                f"{file}: vocabulary index {int(indices.max())} >= the vocabulary size "
+                f"{self.vocab_size}"
+            )
+        return positions, indices, values, lse, tail
+
+    def lookup(self, inputs: torch.Tensor) -> SparseTeacherOutput:
+        """The cached distribution of the examples ``inputs`` (one per row): positions shaped
+        as the teacher's logits were without the vocabulary (``[B]`` for a classifier,
+        ``[B, S]`` for token ids ``[B, S]``), on the inputs' device."""
+        fingerprints = input_fingerprints(inputs)
+        lead_shape = tuple(inputs.shape[: 1 + (self.manifest["position_dims"] or 0)])
+        batch, per_example = len(fingerprints), math.prod(lead_shape[1:])
+        k = self.top_k
+        indices = torch.zeros(batch, per_example, k, dtype=torch.int64)
+        logits = torch.full((batch, per_example, k), -math.inf)
+        lse = torch.zeros(batch, per_example)
+        tail = torch.full((batch, per_example), -math.inf)
+        covered = torch.zeros(batch, per_example, dtype=torch.bool)
+        for i, fingerprint in enumerate(fingerprints):
+            if fingerprint not in self.index:
+                raise TeacherCacheError(
+                    f"example {i} of the batch (input fingerprint {fingerprint.hex()}) is not "
+                    f"in the teacher cache {self.folder} ({self.examples} examples): cache the "
+                    "data set you train on, padded the same way"
+                )
+            positions, idx, values, row_lse, row_tail = self.rows(fingerprint)
+            if positions.numel() and int(positions.max()) >= per_example:
+                raise TeacherCacheError(
+                    f"{self.folder}: cached position {int(positions.max())} of example {i} lies "
+                    f"outside its {per_example} positions {tuple(lead_shape[1:])}"
+                )
+            indices[i, positions], logits[i, positions] = idx, values
+            lse[i, positions], tail[i, positions] = row_lse, row_tail
+            covered[i, positions] = True
+        return SparseTeacherOutput(
+            indices.reshape(*lead_shape, k),
+            logits.reshape(*lead_shape, k),
+            lse.reshape(lead_shape),
+            tail.reshape(lead_shape),
+            covered.reshape(lead_shape),
+            vocab_size=self.vocab_size,
+            temperature=self.manifest["temperature"],
+            source=str(self.folder),
+        ).to(inputs.device)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The checked manifest of the cache in ``folder``."""
+    from kdcore._strict_json import DuplicateKeyError, no_duplicate_keys
+
+    file = folder / MANIFEST
+    try:
+        manifest = json.loads(file.read_bytes(), object_pairs_hook=no_duplicate_keys)
+    except FileNotFoundError:
+        raise TeacherCacheError(f"{folder} is not a teacher cache: {MANIFEST} is missing") from None
+    except (ValueError, DuplicateKeyError, UnicodeDecodeError) as exc:
+        raise TeacherCacheError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise TeacherCacheError(f"{file}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise TeacherCacheError(
+            f"{file}: format version {shown(manifest.get('version'))}; this kdcore reads {VERSION}"
+        )
+    checks: dict[str, Any] = {
+        "top_k": lambda v: type(v) is int and v >= 1,
+        "vocab_size": lambda v: v is None or (type(v) is int and v >= 1),
+        "position_dims": lambda v: v is None or (type(v) is int and v >= 0),
+        "temperature": lambda v: type(v) in (int, float) and v > 0,
+        "top_p": lambda v: v is None or (type(v) in (int, float) and 0 < v <= 1),
+        "compression": lambda v: v in COMPRESSIONS,
+        "teacher": lambda v: isinstance(v, dict) and isinstance(v.get("fingerprint"), str),
+        "shards": lambda v: isinstance(v, list) and all(_is_shard_entry(e) for e in v),
+    }
+    for key, check in checks.items():
+        if key not in manifest or not check(manifest[key]):
+            raise TeacherCacheError(f"{file}: bad or missing {key!r}: {shown(manifest.get(key))}")
+    if manifest["shards"] and manifest["vocab_size"] is None:
+        raise TeacherCacheError(f"{file}: has shards but no 'vocab_size'")
+    return manifest
+
+
+def _is_shard_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and entry["file"] == os.path.basename(entry["file"])
+        and entry["file"].endswith(".safetensors")
+        and all(
+            type(entry.get(key)) is int and entry[key] >= 0 for key in ("examples", "positions")
+        )
+    )
+
+
+def describe_cache(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Lines for ``kdcore inspect CACHE``: the manifest, size, bytes per position, coverage."""
+    cache = TeacherCache(path)
+    manifest = cache.manifest
+    size = sum((cache.folder / e["file"]).stat().st_size for e in manifest["shards"])
+    positions = sum(e["positions"] for e in manifest["shards"])
+    yield f"teacher cache {cache.folder} (format version {manifest['version']})"
+    yield f"teacher: {shown(manifest['teacher']['spec'])}"
+    yield f"teacher weights sha256: {manifest['teacher']['fingerprint']}"
+    yield (
+        f"vocab_size={manifest['vocab_size']} top_k={manifest['top_k']} "
+        f"top_p={manifest['top_p']} temperature={manifest['temperature']} "
+        f"compression={manifest['compression']} index bits={cache.bits}"
+    )
+    yield f"coverage: {cache.examples} examples, {positions} positions"
+    yield f"shards: {len(manifest['shards'])}, {size} bytes"
+    if positions:
+        yield f"bytes per position: {size / positions:.1f}"
