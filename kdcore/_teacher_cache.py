@@ -32,7 +32,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -627,21 +627,31 @@ def _is_shard_entry(entry: Any) -> bool:
     )
 
 
-def describe_cache(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Lines for ``kdcore inspect CACHE``: the manifest, size, bytes per position, coverage."""
+def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``kdcore inspect CACHE`` prints: the manifest, size, bytes per position, coverage
+    (``lines`` is the text form). Reads the manifest and the shards' headers and fingerprints."""
     cache = TeacherCache(path)
     manifest = cache.manifest
     size = sum((cache.folder / e["file"]).stat().st_size for e in manifest["shards"])
     positions = sum(e["positions"] for e in manifest["shards"])
-    yield f"teacher cache {cache.folder} (format version {manifest['version']})"
-    yield f"teacher: {shown(manifest['teacher']['spec'])}"
-    yield f"teacher weights sha256: {manifest['teacher']['fingerprint']}"
-    yield (
-        f"vocab_size={manifest['vocab_size']} top_k={manifest['top_k']} "
-        f"top_p={manifest['top_p']} temperature={manifest['temperature']} "
-        f"compression={manifest['compression']} index bits={cache.bits}"
-    )
-    yield f"coverage: {cache.examples} examples, {positions} positions"
-    yield f"shards: {len(manifest['shards'])}, {size} bytes"
-    if positions:
-        yield f"bytes per position: {size / positions:.1f}"
+    per_position = size / positions if positions else None
+    lines = [
+        f"teacher cache {cache.folder} (format version {manifest['version']})",
+        f"  teacher {shown(manifest['teacher']['spec'])}",
+        f"  teacher weights sha256 {manifest['teacher']['fingerprint']}",
+        f"  vocab_size {manifest['vocab_size']} ({cache.bits} index bits), top_k "
+        f"{manifest['top_k']}, top_p {manifest['top_p']}, temperature {manifest['temperature']}, "
+        f"compression {manifest['compression']}",
+        f"  coverage: {cache.examples} examples, {positions} positions",
+        f"  {len(manifest['shards'])} shards, {size} bytes"
+        + (f", {per_position:.1f} bytes per position" if per_position else ""),
+    ]
+    return {
+        "path": str(cache.folder),
+        "manifest": manifest,
+        "examples": cache.examples,
+        "positions": positions,
+        "bytes": size,
+        "bytes_per_position": per_position,
+        "lines": lines,
+    }

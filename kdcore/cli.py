@@ -411,7 +411,7 @@ def _errors_from(config: str, *others: str) -> Iterator[None]:
 def _add_inspect_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="print a checkpoint's manifest and tensor summary",
+        help="print a checkpoint's (or a teacher cache's) manifest and tensor summary",
         description=(
             "Print what a kd.save checkpoint holds: format and kdcore version, the modes with "
             "their teacher spec, criteria and balancer, and tensor counts and sizes by group. "
@@ -421,7 +421,7 @@ def _add_inspect_command(subparsers: Any) -> None:
             "checkpoint at all (no backend reads it, or it holds no kdcore manifest)."
         ),
     )
-    parser.add_argument("path", help="a checkpoint file or folder")
+    parser.add_argument("path", help="a checkpoint file or folder, or a teacher cache folder")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(handler=_run_inspect)
 
@@ -429,6 +429,13 @@ def _add_inspect_command(subparsers: Any) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
 
     from kdcore._checkpoint import inspect_checkpoint
+    from kdcore._teacher_cache import MANIFEST, cache_summary
+
+    if (Path(args.path) / MANIFEST).is_file():  # a teacher cache (kd.cache_teacher)
+        summary = cache_summary(args.path)
+        print(_json(summary, indent=2) if args.json else "
+".join(summary["lines"]))
+        return 0
 
     summary = inspect_checkpoint(args.path)
     if args.json:
