@@ -122,7 +122,7 @@ def test_without_the_plugin_the_loader_is_unknown_with_a_hint_to_install_it(
         kd.check([("kd_loss", {"teacher_model": spec, "criterion": {"name": "logits"}})])
     message = str(caught.value)
     assert message.startswith(
-        "kd_loss.teacher_model.name: unknown teacher loader 'transformers'; registered: callable"
+        "kd_loss.teacher_model.name: unknown teacher loader 'transformers'; registered: cached, callable"
     )
     assert message.endswith(
         "it is provided by 'kdcore-transformers': pip install kdcore-transformers, or from a "
