@@ -14,11 +14,10 @@ The format (a folder, never code):
   complete shards, in order;
 - ``shard-NNNNN.safetensors``, one per ``examples_per_shard`` examples: ``fingerprints``
   (uint8 [n, 16], one per example), ``offsets`` (int64 [n + 1], each example's first position
-  row), ``positions`` (int64 [P], a row's position within its example, flattened), ``indices``
-  (the [P, k] vocabulary indices bit-packed at ceil(log2 V) bits, uint8), ``values`` ([P, k]
-  teacher logits / T at those entries, float32 or bfloat16; -inf where ``top_p`` kept fewer
-  than k), ``logsumexp`` (float32 [P], over all the row's logits / T) and ``tail`` (float32
-  [P], over the others). Logits and log-sum-exps rather than log-probabilities, so that the
+  row), ``positions`` (int64 [P], a row's position within its example, flattened), the [P, k]
+  vocabulary indices and teacher logits / T at those entries as the compression stores them
+  (:mod:`kdcore._cache_codec`; -inf where ``top_p`` kept fewer than k), ``logsumexp``
+  (float32 [P], over all the row's logits / T) and ``tail`` (float32 [P], over the others). Logits and log-sum-exps rather than log-probabilities, so that the
   loss computes its log-probabilities with the same operations as online ``topk_kl``.
 
 A shard is written to a temporary file, fsynced and renamed, and only then listed in the
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from kdcore._atomic_io import atomic_write
+from kdcore._cache_codec import Codec
 from kdcore._errors import ConfigError, KDCoreError, did_you_mean, shown
 from kdcore.llm import shift_labels
 from kdcore.validation import IGNORE_INDEX, as_logits
@@ -55,9 +55,8 @@ __all__ = [
 FORMAT = "kdcore-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
-COMPRESSIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPRESSIONS = ("float32", "bfloat16", "compressed")
 FINGERPRINT_BYTES = 16
-_SHARD_TENSORS = ("fingerprints", "offsets", "positions", "indices", "values", "logsumexp", "tail")
 
 
 class TeacherCacheError(KDCoreError, ValueError):
@@ -90,37 +89,6 @@ def weights_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-# ---- bit packing -------------------------------------------------------------------------
-
-
-def index_bits(vocab_size: int) -> int:
-    """Bits per vocabulary index: ceil(log2 V), at least 1."""
-    return max(1, math.ceil(math.log2(vocab_size)))
-
-
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Non-negative integers below ``2**bits`` packed little-endian into a uint8 tensor."""
-    flat = values.reshape(-1).to(torch.int64)
-    shifts = torch.arange(bits, dtype=torch.int64)
-    stream = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
-    stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)])
-    weights = (1 << torch.arange(8, dtype=torch.int64)).to(torch.uint8)
-    return (stream.reshape(-1, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, first: int, count: int) -> torch.Tensor:
-    """Entries ``first .. first + count`` of a stream written by :func:`pack_bits`, where
-    ``packed`` starts at byte ``first * bits // 8`` of the stream (a slice is enough)."""
-    skip = first * bits % 8
-    stream = (packed[:, None].to(torch.int64) >> torch.arange(8)) & 1
-    stream = stream.reshape(-1)[skip : skip + count * bits].reshape(count, bits)
-    return (stream << torch.arange(bits)).sum(-1)
-
-
-def packed_byte_range(first: int, count: int, bits: int) -> tuple[int, int]:
-    return first * bits // 8, -(-(first + count) * bits // 8)
 
 
 # ---- the sparse teacher output -----------------------------------------------------------
@@ -304,8 +272,9 @@ def cache_teacher(
     ``labels``: a causal LM's positions whose shifted label is -100 are skipped). Per position the
     cache keeps the ``top_k`` largest log-probabilities of ``softmax(logits / temperature)``
     (with ``top_p``, only the smallest prefix whose mass reaches it) and the tail's log-mass.
-    ``compression`` is ``"float32"`` (lossless: training from it equals online ``topk_kl``) or
-    ``"bfloat16"``. Rerunning after a kill resumes after the last complete shard; a folder
+    ``compression`` is ``"float32"`` (lossless: training from it equals online ``topk_kl``),
+    ``"bfloat16"`` or ``"compressed"`` (at most 24 bits per entry, index and value, up to
+    V = 2**18 with k = 64; values within 1/1020 of each position's range). Rerunning after a kill resumes after the last complete shard; a folder
     written with other arguments or another teacher is refused. Returns the folder::
 
         kd.cache_teacher(teacher, loader, "cache/", top_k=64)
@@ -423,18 +392,15 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def _flush(folder: Path, manifest: dict[str, Any], buffer: _ShardBuffer) -> None:
     from safetensors.torch import save
 
-    vocab = manifest["vocab_size"]
+    codec = Codec(manifest["compression"], manifest["vocab_size"], manifest["top_k"])
     counts = torch.tensor([0, *buffer.counts], dtype=torch.int64)
-    top_k = manifest["top_k"]
-    indices = torch.cat(buffer.indices) if buffer.indices else torch.zeros(0, top_k)
     tensors = {
         "fingerprints": torch.tensor(
             [list(f) for f in buffer.fingerprints], dtype=torch.uint8
         ).reshape(-1, FINGERPRINT_BYTES),
         "offsets": counts.cumsum(0),
         "positions": torch.cat(buffer.positions).to(torch.int64),
-        "indices": pack_bits(indices, index_bits(vocab)),
-        "values": torch.cat(buffer.values).to(COMPRESSIONS[manifest["compression"]]),
+        **codec.encode(torch.cat(buffer.indices), torch.cat(buffer.values)),
         "logsumexp": torch.cat(buffer.logsumexp),
         "tail": torch.cat(buffer.tail),
     }
@@ -460,7 +426,7 @@ class TeacherCache:
         self.manifest = read_manifest(self.folder)
         self.vocab_size: int = self.manifest["vocab_size"] or 0
         self.top_k: int = self.manifest["top_k"]
-        self.bits = index_bits(self.vocab_size) if self.vocab_size else 0
+        self.codec = Codec(self.manifest["compression"], self.vocab_size or 1, self.top_k)
         self.index: dict[bytes, tuple[int, int]] = {}
         self._shards: list[Any] = []
         self._offsets: list[torch.Tensor] = []
@@ -475,21 +441,19 @@ class TeacherCache:
             shard = safe_open(str(file), framework="pt")
         except Exception as exc:  # safetensors raises its own errors on a truncated header
             raise TeacherCacheError(f"{file}: not a readable safetensors shard ({exc})") from None
-        present = set(shard.keys())
-        missing = [name for name in _SHARD_TENSORS if name not in present]
-        if missing:
-            raise TeacherCacheError(f"{file}: missing tensors {shown(missing)}")
         n, positions = entry["examples"], entry["positions"]
-        k = self.top_k
         expected = {
             "fingerprints": [n, FINGERPRINT_BYTES],
             "offsets": [n + 1],
             "positions": [positions],
-            "indices": [-(-positions * k * self.bits // 8)],
-            "values": [positions, k],
+            **self.codec.shapes(positions),
             "logsumexp": [positions],
             "tail": [positions],
         }
+        present = set(shard.keys())
+        missing = [name for name in expected if name not in present]
+        if missing:
+            raise TeacherCacheError(f"{file}: missing tensors {shown(missing)}")
         for name, shape in expected.items():
             found = shard.get_slice(name).get_shape()
             if list(found) != shape:
@@ -521,17 +485,15 @@ class TeacherCache:
         shard, offsets = self._shards[number], self._offsets[number]
         start, stop = int(offsets[row]), int(offsets[row + 1])
         file = self.folder / self.manifest["shards"][number]["file"]
-        k = self.top_k
-        first_byte, end_byte = packed_byte_range(start * k, (stop - start) * k, self.bits)
         try:
             positions = shard.get_slice("positions")[start:stop]
-            packed = shard.get_slice("indices")[first_byte:end_byte]
-            values = shard.get_slice("values")[start:stop].to(torch.float32)
+            indices, values = self.codec.decode(
+                lambda name, first, end: shard.get_slice(name)[first:end], start, stop
+            )
             lse = shard.get_slice("logsumexp")[start:stop]
             tail = shard.get_slice("tail")[start:stop]
         except Exception as exc:
             raise TeacherCacheError(f"{file}: truncated or corrupt ({exc})") from None
-        indices = unpack_bits(packed, self.bits, start * k, (stop - start) * k).reshape(-1, k)
         if indices.numel() and int(indices.max()) >= self.vocab_size:
             raise TeacherCacheError(
                 f"{file}: vocabulary index {int(indices.max())} >= the vocabulary size "
@@ -639,7 +601,7 @@ def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         f"teacher cache {cache.folder} (format version {manifest['version']})",
         f"  teacher {shown(manifest['teacher']['spec'])}",
         f"  teacher weights sha256 {manifest['teacher']['fingerprint']}",
-        f"  vocab_size {manifest['vocab_size']} ({cache.bits} index bits), top_k "
+        f"  vocab_size {manifest['vocab_size']} ({cache.codec.bits} index bits), top_k "
         f"{manifest['top_k']}, top_p {manifest['top_p']}, temperature {manifest['temperature']}, "
         f"compression {manifest['compression']}",
         f"  coverage: {cache.examples} examples, {positions} positions",
