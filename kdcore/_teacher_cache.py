@@ -17,8 +17,9 @@ The format (a folder, never code):
   row), ``positions`` (int64 [P], a row's position within its example, flattened), the [P, k]
   vocabulary indices and teacher logits / T at those entries as the compression stores them
   (:mod:`kdcore._cache_codec`; -inf where ``top_p`` kept fewer than k), ``logsumexp``
-  (float32 [P], over all the row's logits / T) and ``tail`` (float32 [P], over the others). Logits and log-sum-exps rather than log-probabilities, so that the
-  loss computes its log-probabilities with the same operations as online ``topk_kl``.
+  (float32 [P], over all the row's logits / T) and ``tail`` (float32 [P], over the others).
+  Logits and log-sum-exps rather than log-probabilities, so that the loss computes its
+  log-probabilities with the same operations as online ``topk_kl``.
 
 A shard is written to a temporary file, fsynced and renamed, and only then listed in the
 manifest (also replaced atomically): a run killed at any point leaves the shards listed so far,
@@ -270,12 +271,13 @@ def cache_teacher(
     ``teacher`` is an ``nn.Module`` or any teacher spec ``kd.convert`` accepts; ``data`` yields
     batches: an input tensor, a tuple ``(inputs, labels)`` or a mapping with ``input_ids`` (and
     ``labels``: a causal LM's positions whose shifted label is -100 are skipped). Per position the
-    cache keeps the ``top_k`` largest log-probabilities of ``softmax(logits / temperature)``
-    (with ``top_p``, only the smallest prefix whose mass reaches it) and the tail's log-mass.
+    cache keeps the ``top_k`` largest entries of ``logits / temperature`` (with ``top_p``, only
+    the smallest prefix whose probability reaches it), their log-sum-exp and the tail's.
     ``compression`` is ``"float32"`` (lossless: training from it equals online ``topk_kl``),
     ``"bfloat16"`` or ``"compressed"`` (at most 24 bits per entry, index and value, up to
-    V = 2**18 with k = 64; values within 1/1020 of each position's range). Rerunning after a kill resumes after the last complete shard; a folder
-    written with other arguments or another teacher is refused. Returns the folder::
+    V = 2**18 with k = 64; values within 1/1020 of each position's range). Rerunning after a
+    kill resumes after the last complete shard; a folder written with other arguments or
+    another teacher is refused. Returns the folder::
 
         kd.cache_teacher(teacher, loader, "cache/", top_k=64)
         kd.convert(student, [("kd_loss", {"teacher_model": {"name": "cached", "path": "cache/"},
