@@ -233,6 +233,10 @@ class _ShardBuffer:
     def __len__(self) -> int:
         return len(self.fingerprints)
 
+    def tensors(self) -> tuple[list[torch.Tensor], ...]:
+        """The lists :func:`sparse_distribution`'s results go to, in its order."""
+        return self.indices, self.values, self.logsumexp, self.tail
+
 
 def _teacher_record(teacher: Any) -> tuple[nn.Module, dict[str, Any]]:
     from kdcore._config import PluginRef
@@ -346,22 +350,23 @@ def cache_teacher(
                 if top_k > vocab:
                     raise TeacherCacheError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
                 keep = kept_positions(logits, labels)
+                fresh = []
                 for i in todo:
-                    if fingerprints[i] in done:  # a duplicate within the data set
-                        continue
-                    done.add(fingerprints[i])
-                    rows = logits[i].reshape(-1, vocab)
-                    where = keep[i].reshape(-1).nonzero().squeeze(-1)
-                    idx, kept, lse, tail = sparse_distribution(
-                        rows[where], top_k, top_p, temperature
-                    )
+                    if fingerprints[i] not in done:  # not a duplicate within the data set
+                        done.add(fingerprints[i])
+                        fresh.append(i)
+                # One top-k over all the batch's kept rows, then split by example.
+                chosen = keep[fresh].reshape(len(fresh), -1)
+                rows = logits[fresh].reshape(len(fresh), -1, vocab)[chosen]
+                parts = sparse_distribution(rows, top_k, top_p, temperature)
+                counts = chosen.sum(-1).tolist()
+                split = [part.cpu().split(counts) for part in parts]
+                for n, i in enumerate(fresh):
                     buffer.fingerprints.append(fingerprints[i])
-                    buffer.counts.append(int(where.numel()))
-                    buffer.positions.append(where.cpu())
-                    buffer.indices.append(idx.cpu())
-                    buffer.values.append(kept.cpu())
-                    buffer.logsumexp.append(lse.cpu())
-                    buffer.tail.append(tail.cpu())
+                    buffer.counts.append(counts[n])
+                    buffer.positions.append(chosen[n].nonzero().squeeze(-1).cpu())
+                    for store, part in zip(buffer.tensors(), split, strict=True):
+                        store.append(part[n])
                     if len(buffer) == examples_per_shard:
                         _flush(folder, manifest, buffer)
                         buffer = _ShardBuffer()
