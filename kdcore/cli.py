@@ -666,10 +666,66 @@ def _refuse_an_earlier_run(job: str, output: Path) -> None:
     )
 
 
+# ---------------------------------------------------------------------- kdcore cache-teacher
+
+
+def _add_cache_teacher_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="run a job's teacher over its training data once and cache its top-k outputs",
+        description=(
+            "Offline distillation: run the teacher of CONFIG's first mode over the batches of "
+            "its [train] data (one epoch, in the run's order) and write a teacher cache to "
+            "OUTPUT (kd.cache_teacher). Rerun after a kill to resume after the last complete "
+            "shard. Then train with teacher_model = {name = 'cached', path = OUTPUT}."
+        ),
+    )
+    parser.add_argument("config", help="the job file (.toml, .json, .yaml)")
+    parser.add_argument("output", help="the cache folder (new, or one to resume)")
+    parser.add_argument("--top-k", type=int, default=64, help="entries kept per position")
+    parser.add_argument("--top-p", type=float, default=None, help="keep at most this mass")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--compression", default="float32", help="float32 (lossless), bfloat16 or compressed"
+    )
+    parser.add_argument("--examples-per-shard", type=int, default=1024)
+    parser.set_defaults(handler=_run_cache_teacher)
+
+
+def _run_cache_teacher(args: argparse.Namespace) -> int:
+    from kdcore.errors import ConfigError
+    from kdcore.teacher_cache import cache_summary, cache_teacher
+    from kdcore.training import load_job
+    from kdcore.training.loop import epoch_batches
+
+    _import_from_current_folder()
+    with _errors_from(args.config):
+        modes, config = load_job(args.config)
+        teachers = [
+            (name, mode["teacher_model"]) for name, mode in modes if "teacher_model" in mode
+        ]
+        if not teachers:
+            raise ConfigError("no mode names a teacher_model to cache")
+        teacher = teachers[0][1]
+        cache_teacher(
+            teacher,
+            (x for x, _ in epoch_batches(config)),
+            args.output,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            compression=args.compression,
+            examples_per_shard=args.examples_per_shard,
+        )
+    print("\n".join(cache_summary(args.output)["lines"]))
+    return 0
+
+
 COMMANDS: list[Callable[[Any], None]] = [
     _add_plugins_command,
     _add_check_command,
     _add_inspect_command,
     _add_distill_command,
+    _add_cache_teacher_command,
     _add_new_plugin_command,
 ]

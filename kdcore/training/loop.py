@@ -358,8 +358,14 @@ def job_factory(config: TrainConfig, name: str) -> Callable[[], Any]:
 
 def first_batch(config: TrainConfig) -> tuple[Any, Any]:
     """The batch a run of ``config`` starts with (its data factory called), as ``(x, y)``."""
+    return next(iter(epoch_batches(config)))
+
+
+def epoch_batches(config: TrainConfig, epoch: int = 0) -> Iterator[tuple[Any, Any]]:
+    """The training batches of ``epoch`` of a run of ``config`` (its data factory called), in
+    the run's order (``kdcore cache-teacher`` caches the teacher's outputs on them)."""
     train_data, _ = _split(job_factory(config, "data")())
-    return next(iter(_epoch(train_data, config, 0)))  # type: ignore[no-any-return]
+    return _epoch(train_data, config, epoch)
 
 
 def _require_numpy_for_dcp() -> None:
