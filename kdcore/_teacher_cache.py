@@ -214,6 +214,7 @@ def sparse_distribution(
     if top_p is not None:  # keep the smallest prefix reaching top_p; pad with the first index
         probs = (kept - lse[:, None]).exp()
         dropped = probs.cumsum(-1) - probs >= top_p
+        dropped[:, 0] = False  # the largest is always kept
         kept = kept.masked_fill(dropped, -math.inf)
         top = torch.where(dropped, top[:, :1], top)
     tail = torch.logsumexp(b.scatter(-1, top, -math.inf), -1)
@@ -292,8 +293,8 @@ def cache_teacher(
     top_k = check_int("top_k", top_k, minimum=1)
     examples_per_shard = check_int("examples_per_shard", examples_per_shard, minimum=1)
     temperature = check_temperature(temperature)
-    if top_p is not None:
-        top_p = check_unit_interval("top_p", top_p)
+    if top_p is not None and check_unit_interval("top_p", top_p) == 0:
+        raise ConfigError("must be in (0, 1], got 0", path="cache_teacher(top_p=...)")
     if compression not in COMPRESSIONS:
         raise ConfigError(
             f"is {shown(compression)}; expected one of {', '.join(COMPRESSIONS)}"
@@ -529,10 +530,14 @@ class TeacherCache:
                     "data set you train on, padded the same way"
                 )
             positions, idx, values, row_lse, row_tail = self.rows(fingerprint)
-            if positions.numel() and int(positions.max()) >= per_example:
+            if (
+                positions.numel()
+                and not 0 <= int(positions.min()) <= int(positions.max()) < per_example
+            ):
                 raise TeacherCacheError(
-                    f"{self.folder}: cached position {int(positions.max())} of example {i} lies "
-                    f"outside its {per_example} positions {tuple(lead_shape[1:])}"
+                    f"{self.folder}: cached positions {int(positions.min())} to "
+                    f"{int(positions.max())} of example {i} do not lie within its {per_example} "
+                    f"positions {tuple(lead_shape[1:])}"
                 )
             indices[i, positions], logits[i, positions] = idx, values
             lse[i, positions], tail[i, positions] = row_lse, row_tail

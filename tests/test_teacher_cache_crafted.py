@@ -120,3 +120,14 @@ def test_inspect_prints_the_manifest_size_and_coverage(
     assert "bytes per position" in out
     assert main(["inspect", "--json", str(cache)]) == 0
     assert json.loads(capsys.readouterr().out)["examples"] == 6
+
+
+def test_positions_outside_the_examples_are_refused(cache: Path) -> None:
+    edit_shard(cache, lambda t: t["positions"].fill_(-1))
+    with pytest.raises(kd.KDCoreError, match="cached positions -1 to -1 of example 0"):
+        use(cache)
+
+
+def test_a_top_p_of_0_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(kd.ConfigError, match=r"top_p=\.\.\.\): must be in \(0, 1\], got 0"):
+        kd.cache_teacher(TinyNet(), [torch.randn(2, 4)], tmp_path, top_p=0.0)
