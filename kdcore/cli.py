@@ -433,8 +433,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     if (Path(args.path) / MANIFEST).is_file():  # a teacher cache (kd.cache_teacher)
         summary = cache_summary(args.path)
-        print(_json(summary, indent=2) if args.json else "
-".join(summary["lines"]))
+        print(_json(summary, indent=2) if args.json else "\n".join(summary["lines"]))
         return 0
 
     summary = inspect_checkpoint(args.path)
@@ -693,8 +692,8 @@ def _add_cache_teacher_command(subparsers: Any) -> None:
 
 
 def _run_cache_teacher(args: argparse.Namespace) -> int:
-    from kdcore.errors import ConfigError
-    from kdcore.teacher_cache import cache_summary, cache_teacher
+    from kdcore._errors import ConfigError
+    from kdcore._teacher_cache import cache_summary, cache_teacher
     from kdcore.training import load_job
     from kdcore.training.loop import epoch_batches
 
