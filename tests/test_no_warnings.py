@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -35,5 +37,6 @@ def test_help_prints_no_warning() -> None:
     assert kdcore_stderr("--help") == ""
 
 
+@pytest.mark.slow
 def test_the_demo_prints_no_warning() -> None:
     assert kdcore_stderr("distill", "--quick") == ""

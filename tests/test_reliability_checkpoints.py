@@ -770,6 +770,7 @@ def test_random_byte_damage_is_refused_or_harmless(
 
 
 # ================================================================== 4. fuzzing the manifest
+@pytest.mark.slow
 @settings(max_examples=2000, deadline=None, derandomize=True)
 @given(manifest=manifests() | JSON, text=st.text(max_size=40))
 def test_the_manifest_parser_raises_only_its_documented_errors(manifest: Any, text: str) -> None:

@@ -341,6 +341,7 @@ def test_inspect_of_something_that_is_no_checkpoint_is_an_error(
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.slow
 @given(manifest=manifests() | JSON)
 def test_inspect_of_a_fuzzed_manifest_never_raises_anything_but_a_kdcore_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], manifest: Any
@@ -405,6 +406,7 @@ def rows(count: int, *, overlap: bool = False) -> list[Box]:
 MISSING = "'missing.distcp', which does not exist"  # every metadata check passed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [False, True])
 def test_twenty_thousand_dcp_chunks_are_checked_in_linear_time(
     tmp_path: Path, overlap: bool

@@ -103,6 +103,7 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_killing_save_at_random_moments_leaves_the_old_or_the_new_checkpoint(
     tmp_path: Path,
 ) -> None:

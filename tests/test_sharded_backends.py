@@ -853,6 +853,7 @@ FSDP2_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_written_by_two_ranks_restore_sharded_and_consolidated(
     tmp_path: Path,
 ) -> None:

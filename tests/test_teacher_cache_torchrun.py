@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import kdcore as kd
@@ -53,6 +54,7 @@ def write_job(folder: Path, name: str, cache: Path | None) -> Path:
     return job
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_from_a_cache_as_one_process(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     assert (

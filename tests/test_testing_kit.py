@@ -232,6 +232,7 @@ def test_a_contract_that_raises_is_reported_with_where_it_raised() -> None:
         checker.report(("explodes",))
 
 
+@pytest.mark.slow
 def test_a_third_party_test_file_is_three_lines(tmp_path: Path) -> None:
     test_file = tmp_path / "test_my_plugin.py"
     test_file.write_text(
