@@ -856,7 +856,7 @@ def test_fused_loss_through_convert_binds_the_heads_and_trains_the_student(crite
             )
         ],
     )
-    assert loss._lm_heads == (model.lm_head, teacher.lm_head)
+    assert loss.bound_heads == (model.lm_head, teacher.lm_head)
     assert list(loss.parameters()) == [] and loss.state_dict() == {}
     student_names = [n for n, _ in model.named_parameters() if not n.startswith("_teacher_model.")]
     assert student_names == [n for n, _ in reference_student.named_parameters()]
@@ -904,7 +904,7 @@ def test_fused_loss_is_saved_and_rebound_on_restore(criteria: Any, tmp_path: Pat
     path = kd.save(model, tmp_path / "run.safetensors")
     restored: Any = kd.restore(TinyNet(), path)
     (loss,) = restored.loss_modules
-    assert loss._lm_heads == (restored.fc2, restored.teacher_model.fc2)
+    assert loss.bound_heads == (restored.fc2, restored.teacher_model.fc2)
     assert loss.k == 2
     batch = torch.randn(5, 4)
     model(batch)

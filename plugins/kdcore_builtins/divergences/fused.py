@@ -628,6 +628,11 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
         the models may skip their heads)."""
         return self.student_head is not None
 
+    @property
+    def bound_heads(self) -> tuple[nn.Module, nn.Module] | None:
+        """The ``(student, teacher)`` lm heads bound at convert time; None before."""
+        return self._lm_heads
+
     def bind_layers(self, student_module: nn.Module, teacher_module: nn.Module) -> None:
         """Keep the paired lm heads (unless named); called by kdcore at convert time."""
         if not self.names_heads:
