@@ -32,7 +32,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +271,7 @@ def cache_teacher(
     compression: str = "float32",
     examples_per_shard: int = 1024,
     device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Run ``teacher`` over ``data`` once and cache its sparse output distribution at ``path``.
 
@@ -282,7 +284,8 @@ def cache_teacher(
     ``"bfloat16"`` or ``"compressed"`` (at most 24 bits per entry, index and value, up to
     V = 2**18 with k = 64; values within 1/1020 of each position's range). Rerunning after a
     kill resumes after the last complete shard; a folder written with other arguments or
-    another teacher is refused. Returns the folder::
+    another teacher is refused. ``log`` (e.g. ``print``) gets a line per shard written. Returns
+    the folder::
 
         kd.cache_teacher(teacher, loader, "cache/", top_k=64)
         kd.convert(student, [("kd_loss", {"teacher_model": {"name": "cached", "path": "cache/"},
@@ -315,6 +318,19 @@ def cache_teacher(
         "compression": compression,
         "shards": [],
     }
+    started = time.perf_counter()
+
+    def say(line: str) -> None:
+        if log is not None:
+            log(line)
+
+    def flush(buffer: _ShardBuffer) -> None:
+        _flush(folder, manifest, buffer)
+        say(
+            f"shard {len(manifest['shards'])}: {len(buffer)} examples written, "
+            f"{len(done)} seen ({time.perf_counter() - started:.1f} s)"
+        )
+
     done: set[bytes] = set()
     if (folder / MANIFEST).exists():
         cache = TeacherCache(folder)
@@ -322,6 +338,7 @@ def cache_teacher(
         manifest = cache.manifest
         done = set(cache.index)
         cache.close()
+        say(f"resuming {folder}: {len(done)} examples cached already")
     else:
         folder.mkdir(parents=True, exist_ok=True)
         _write_manifest(folder, manifest)
@@ -369,10 +386,10 @@ def cache_teacher(
                     for store, part in zip(buffer.tensors(), split, strict=True):
                         store.append(part[n])
                     if len(buffer) == examples_per_shard:
-                        _flush(folder, manifest, buffer)
+                        flush(buffer)
                         buffer = _ShardBuffer()
         if len(buffer):
-            _flush(folder, manifest, buffer)
+            flush(buffer)
     finally:
         module.train(was_training)
     return folder

@@ -715,6 +715,7 @@ def _run_cache_teacher(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             compression=args.compression,
             examples_per_shard=args.examples_per_shard,
+            log=print,
         )
     print("\n".join(cache_summary(args.output)["lines"]))
     return 0

@@ -39,6 +39,23 @@ def test_cache_teacher_caches_the_jobs_training_data_and_the_job_trains_from_it(
     assert result is not None
 
 
+def test_cache_teacher_prints_a_line_per_shard_and_resumes_saying_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, steps=4, every=0)
+    cache = tmp_path / "cache"
+    argv = ["cache-teacher", str(job), str(cache), "--top-k", "3", "--examples-per-shard", "32"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shards = [line for line in lines if line.startswith("shard ")]
+    assert [line.split(":")[0] for line in shards] == ["shard 1", "shard 2", "shard 3"]
+    assert shards[0].startswith("shard 1: 32 examples written, ") and " s)" in shards[0]
+    assert main(argv) == 0  # everything cached: nothing written again
+    again = capsys.readouterr().out.splitlines()
+    assert again[0] == f"resuming {cache}: 72 examples cached already"
+    assert not [line for line in again if line.startswith("shard ")]
+
+
 def test_cache_teacher_names_the_job_file_in_its_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
