@@ -38,21 +38,34 @@ With kdcore (``from kdcore import llm``)::
 their sum by ``num_items_in_batch``; normalise the student's cross-entropy the same way, with
 ``reduction="sum"`` and ``/ n``, or with ``fused_linear_cross_entropy(hidden, weight, labels,
 num_items_in_batch=n)`` of ``kdcore_builtins.divergences``, which never holds the logits).
+
+On-policy batches. :func:`generate_completions` samples completions from a model (the student,
+for on-policy distillation) and returns a batch whose ``labels`` cover the generated tokens
+only, ready for the same loss as a fixed-text batch.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
 
-from kdcore.validation import IGNORE_INDEX, check_labels
+from kdcore._errors import ConfigError
+from kdcore.validation import (
+    IGNORE_INDEX,
+    check_labels,
+    check_positive_int,
+    check_temperature,
+    check_unit_interval,
+)
 
 __all__ = [
     "IGNORE_INDEX",
     "causal_shift",
     "count_tokens",
     "data_parallel_world_size",
+    "generate_completions",
     "num_items_in_batch",
     "shift_labels",
     "token_normalized",
@@ -162,3 +175,120 @@ def token_normalized(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     return loss_sum * (world_size / max(num_items_in_batch, 1))
+
+
+def generate_completions(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sample a completion of each prompt from ``model``: a batch to train on.
+
+    ``prompt_ids`` is ``[B, P]`` with ``attention_mask`` 0 on padding (on either side; ``None``:
+    no padding). ``model`` is a causal LM (a Hugging Face ``*ForCausalLM``) taking
+    ``input_ids``, ``attention_mask``, ``position_ids``, ``use_cache`` and ``cache`` (or
+    ``past_key_values``), and returning ``logits`` and the cache under the same name. It
+    samples in eval mode without gradients, with its KV cache, and is put back in the mode it
+    was in. Each new token is drawn from ``softmax(logits / temperature)`` restricted to its
+    top-``top_p`` nucleus, with ``generator`` (seed it for reproducible batches); a row stops at
+    ``eos_token_id`` (which is kept and labelled, so the model learns to stop).
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``[B, L]`` and right-padded:
+    every row is its prompt followed by its completion from position 0, so the model's default
+    positions are right. ``labels`` are the input ids on the completion and ``-100`` on the
+    prompt, the padding and after EOS (Hugging Face's unshifted convention: pass them through
+    :func:`shift_labels` for kdcore's divergences). Padding holds ``eos_token_id`` (or 0).
+
+    ::
+
+        batch = llm.generate_completions(student, prompts, mask, max_new_tokens=64,
+                                         eos_token_id=tok.eos_token_id,
+                                         generator=torch.Generator().manual_seed(step))
+    """
+    max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+    temperature = check_temperature(temperature)
+    top_p = check_unit_interval("top_p", top_p)
+    if top_p == 0:
+        raise ConfigError("top_p must be in (0, 1], got 0 (no token would be kept)")
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
+        raise ValueError("generate_completions: prompt_ids must be a [B, P] tensor of token ids")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompt_ids)
+    if attention_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"generate_completions: attention_mask {tuple(attention_mask.shape)} does not match "
+            f"prompt_ids {tuple(prompt_ids.shape)}"
+        )
+    pad = 0 if eos_token_id is None else eos_token_id
+    mask = attention_mask.bool()
+    # Sampling runs left-padded (the new tokens line up in the last column) with explicit
+    # positions, so every row's prompt starts at position 0 whatever its padding.
+    left = _packed(mask, to_the_right=True)
+    ids, step_mask = prompt_ids.gather(1, left), mask.gather(1, left).long()
+    positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
+    next_position = positions[:, -1:] + 1
+    finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    tokens, kept = [], []
+    # transformers 5 renamed ``past_key_values`` to ``cache``
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else None
+    cache_name = cache_name or "past_key_values"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = {"input_ids": ids, "position_ids": positions}
+            cache = None
+            for _ in range(max_new_tokens):
+                out = model(
+                    **inputs, attention_mask=step_mask, use_cache=True, **{cache_name: cache}
+                )
+                cache = out.get(cache_name)
+                logits = (out.logits if hasattr(out, "logits") else out[0])[:, -1, :]
+                token = _sample(logits, temperature, top_p, generator).masked_fill(finished, pad)
+                tokens.append(token)
+                kept.append(~finished)
+                if eos_token_id is not None:
+                    finished = finished | (token == eos_token_id)
+                if bool(finished.all()):
+                    break
+                inputs = {"input_ids": token[:, None], "position_ids": next_position}
+                step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+                next_position = next_position + 1
+    finally:
+        model.train(was_training)
+    completion, completion_kept = torch.stack(tokens, 1), torch.stack(kept, 1)
+    all_ids = torch.cat([prompt_ids, completion], dim=1)
+    keep = torch.cat([mask, completion_kept], dim=1)
+    is_completion = torch.cat([torch.zeros_like(mask), completion_kept], dim=1)
+    right = _packed(keep, to_the_right=False)
+    length = int(keep.sum(-1).max())
+    keep = keep.gather(1, right)[:, :length]
+    input_ids = all_ids.gather(1, right)[:, :length].masked_fill(~keep, pad)
+    labels = input_ids.masked_fill(~is_completion.gather(1, right)[:, :length], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": keep.long(), "labels": labels}
+
+
+def _packed(keep: torch.Tensor, *, to_the_right: bool) -> torch.Tensor:
+    """The gather indices that move each row's kept positions to its right (or left) end, in
+    their order."""
+    key = keep.int() if to_the_right else (~keep).int()
+    return torch.sort(key, dim=-1, stable=True).indices
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token a row from ``softmax(logits / temperature)`` cut to its top-``top_p`` nucleus."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token while the mass before it is under top_p (the most likely always stays)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
