@@ -118,6 +118,7 @@ CRITERIA: dict[str, CriterionCase] = {
     "skew_reverse_kl": CriterionCase(none_shape=(2, 3)),
     "tvd": CriterionCase(none_shape=(2, 3)),
     "topk_kl": CriterionCase(kwargs={"k": 2, "tail_bucket": True}, none_shape=(2, 3)),
+    "sampled_reverse_kl": CriterionCase(kwargs={"estimator": "k1"}, none_shape=(2, 3)),
     "fused_logits": CriterionCase(
         kwargs={"divergence": "jsd"},
         sample=_hidden_inputs,

@@ -3,6 +3,7 @@ the sampled-token reverse-KL estimators, and ``KDTrainer``'s on-policy options."
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -136,3 +137,95 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 def test_bad_generation_options_are_config_errors(option: str, value: Any, message: str) -> None:
     with pytest.raises(kd.ConfigError, match=message):
         generate(tiny_llama(), **{option: value})
+
+
+# ====================================================================== sampled reverse KL
+def sampled_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(3, 4, VOCAB, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(3, 4, VOCAB, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (3, 4), generator=generator)
+    labels[0, :2] = -100
+    labels[2, 3] = -100
+    return student, teacher, labels
+
+
+def independent_estimate(estimator: str, student: Any, teacher: Any, labels: Any) -> Any:
+    """Schulman's estimators written out per position, in plain Python over float64 values."""
+    total, count = 0.0, 0
+    for row, token in enumerate(labels.flatten().tolist()):
+        if token == -100:
+            continue
+        log_p = torch.log_softmax(student.reshape(-1, VOCAB)[row], -1)[token].item()
+        log_q = torch.log_softmax(teacher.reshape(-1, VOCAB)[row], -1)[token].item()
+        r = math.exp(log_q - log_p)
+        total += -math.log(r) if estimator == "k1" else (r - 1) - math.log(r)
+        count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_sampled_reverse_kl_is_schulmans_estimator_per_sampled_token(estimator: str) -> None:
+    student, teacher, labels = sampled_inputs()
+    loss = kd.registries().criteria.get("sampled_reverse_kl")(estimator=estimator)
+    value = loss(student, teacher, labels=labels)
+    assert abs(value.item() - independent_estimate(estimator, student, teacher, labels)) < 1e-10
+    summed = type(loss)(estimator=estimator, reduction="sum")(student, teacher, labels=labels)
+    halved = loss(student, teacher, labels=labels, num_items_in_batch=2 * int((labels >= 0).sum()))
+    assert torch.allclose(halved, value / 2, rtol=1e-12)
+    assert torch.allclose(summed, value * int((labels >= 0).sum()), rtol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_sampled_reverse_kl_leaves_unsampled_positions_out(estimator: str) -> None:
+    student, teacher, labels = sampled_inputs()
+    student.requires_grad_(True)
+    loss = kd.registries().criteria.get("sampled_reverse_kl")(estimator=estimator)
+    loss(student, teacher, labels=labels).backward()
+    assert student.grad is not None
+    assert (student.grad[labels == -100] == 0).all()
+    assert (student.grad[labels != -100] != 0).any(-1).all()
+    per_position = type(loss)(estimator=estimator, reduction="none")(student, teacher, labels)
+    assert per_position.shape == labels.shape and (per_position[labels == -100] == 0).all()
+
+
+def test_k3_is_never_negative_and_k1_can_be() -> None:
+    student, teacher, labels = sampled_inputs()
+    criteria = kd.registries().criteria.get("sampled_reverse_kl")
+    k1 = criteria(estimator="k1", reduction="none")(student, teacher, labels)
+    k3 = criteria(estimator="k3", reduction="none")(student, teacher, labels)
+    assert (k3 >= 0).all() and (k1 < 0).any()
+
+
+def test_both_estimators_average_to_the_exact_reverse_kl_over_student_samples() -> None:
+    """Unbiased: over many tokens drawn from the student, both approach KL(p || q)."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(1, 1, VOCAB, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(1, 1, VOCAB, generator=generator, dtype=torch.float64)
+    p, log_p, log_q = student.softmax(-1), student.log_softmax(-1), teacher.log_softmax(-1)
+    exact = (p * (log_p - log_q)).sum().item()
+    draws = torch.multinomial(p[0, 0], 200_000, replacement=True, generator=generator)
+    many = (student.expand(1, len(draws), VOCAB), teacher.expand(1, len(draws), VOCAB))
+    criteria = kd.registries().criteria.get("sampled_reverse_kl")
+    for estimator in ("k1", "k3"):
+        estimate = criteria(estimator=estimator)(*many, labels=draws[None]).item()
+        assert abs(estimate - exact) < 0.02 * max(exact, 1.0)
+
+
+def test_the_k3_estimator_keeps_the_criterion_contracts(builtin_host: kd.PluginHost) -> None:
+    from kdcore.testing import check_criterion
+
+    check_criterion(
+        "sampled_reverse_kl", kwargs={"estimator": "k3"}, skip=["restores_in_a_fresh_process"]
+    )
+
+
+def test_sampled_reverse_kl_names_a_misspelt_estimator() -> None:
+    with pytest.raises(kd.ConfigError, match=r"'k4'.*did you mean"):
+        kd.registries().criteria.get("sampled_reverse_kl")(estimator="k4")
+
+
+def test_sampled_reverse_kl_without_labels_says_it_needs_them() -> None:
+    student, teacher, _ = sampled_inputs()
+    with pytest.raises(ValueError, match="needs labels"):
+        kd.registries().criteria.get("sampled_reverse_kl")()(student, teacher)

@@ -9,7 +9,8 @@ The package holds one concept a module: ``kernels`` (:data:`DIVERGENCES`, the on
 divergences, and their kernels), ``masks`` (labels, reductions, ``num_items_in_batch``,
 vocabulary alignment), ``chunked`` (the custom autograd function over chunks of rows, and
 :func:`logit_divergence`), ``losses`` (one loss class a divergence) and ``fused`` (the fused
-lm-head losses, :func:`fused_linear_divergence` and :func:`fused_linear_cross_entropy`).
+lm-head losses, :func:`fused_linear_divergence` and :func:`fused_linear_cross_entropy`) and
+``sampled`` (the reverse KL estimated from sampled tokens, for on-policy distillation).
 
 Memory. The losses walk the rows in chunks of about two million logits and keep no ``[N, V]``
 temporary but the gradient (see ``chunked``); half-precision logits are upcast to float32 one
@@ -84,6 +85,7 @@ from kdcore_builtins.divergences.masks import (
     VOCAB_ALIGNMENTS,
     align_vocabularies,
 )
+from kdcore_builtins.divergences.sampled import SampledReverseKLLoss
 
 __all__ = [
     "DEFAULT_MAX_VOCAB_PADDING",
@@ -94,6 +96,7 @@ __all__ = [
     "GeneralizedJSDLoss",
     "LogitDivergenceLoss",
     "ReverseKLLoss",
+    "SampledReverseKLLoss",
     "SkewKLLoss",
     "SkewReverseKLLoss",
     "TVDLoss",
@@ -111,3 +114,4 @@ def kdcore_register_criteria(registry: Registry[Any]) -> None:
     for name, loss in LOSSES.items():
         registry.add(name, loss)
     registry.add("fused_logits", FusedLogitsLoss)
+    registry.add("sampled_reverse_kl", SampledReverseKLLoss)
