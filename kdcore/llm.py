@@ -47,7 +47,7 @@ only, ready for the same loss as a fixed-text batch.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -185,7 +185,7 @@ def generate_completions(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample a completion of each prompt from ``model``: a batch to train on.
@@ -197,13 +197,14 @@ def generate_completions(
     samples in eval mode without gradients, with its KV cache, and is put back in the mode it
     was in. Each new token is drawn from ``softmax(logits / temperature)`` restricted to its
     top-``top_p`` nucleus, with ``generator`` (seed it for reproducible batches); a row stops at
-    ``eos_token_id`` (which is kept and labelled, so the model learns to stop).
+    ``eos_token_id`` (or any of several), which is kept and labelled, so the model learns to stop.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``[B, L]`` and right-padded:
     every row is its prompt followed by its completion from position 0, so the model's default
     positions are right. ``labels`` are the input ids on the completion and ``-100`` on the
     prompt, the padding and after EOS (Hugging Face's unshifted convention: pass them through
-    :func:`shift_labels` for kdcore's divergences). Padding holds ``eos_token_id`` (or 0).
+    :func:`shift_labels` for kdcore's divergences). Padding holds the (first) ``eos_token_id``
+    (or 0).
 
     ::
 
@@ -225,7 +226,8 @@ def generate_completions(
             f"generate_completions: attention_mask {tuple(attention_mask.shape)} does not match "
             f"prompt_ids {tuple(prompt_ids.shape)}"
         )
-    pad = 0 if eos_token_id is None else eos_token_id
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or ())
+    pad = eos[0] if eos else 0
     mask = attention_mask.bool()
     # Sampling runs left-padded (the new tokens line up in the last column) with explicit
     # positions, so every row's prompt starts at position 0 whatever its padding.
@@ -234,6 +236,7 @@ def generate_completions(
     positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
     next_position = positions[:, -1:] + 1
     finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    eos_ids = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
     tokens, kept = [], []
     # transformers 5 renamed ``past_key_values`` to ``cache``
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else None
@@ -253,8 +256,7 @@ def generate_completions(
                 token = _sample(logits, temperature, top_p, generator).masked_fill(finished, pad)
                 tokens.append(token)
                 kept.append(~finished)
-                if eos_token_id is not None:
-                    finished = finished | (token == eos_token_id)
+                finished = finished | torch.isin(token, eos_ids)
                 if bool(finished.all()):
                     break
                 inputs = {"input_ids": token[:, None], "position_ids": next_position}

@@ -3,7 +3,9 @@ the sampled-token reverse-KL estimators, and ``KDTrainer``'s on-policy options."
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,8 @@ import kdcore as kd
 from kdcore import llm
 
 transformers = pytest.importorskip("transformers")
+
+from kdcore_transformers import KDTrainer  # noqa: E402
 
 VOCAB, EOS = 23, 2
 
@@ -229,3 +233,186 @@ def test_sampled_reverse_kl_without_labels_says_it_needs_them() -> None:
     student, teacher, _ = sampled_inputs()
     with pytest.raises(ValueError, match="needs labels"):
         kd.registries().criteria.get("sampled_reverse_kl")()(student, teacher)
+
+
+# ====================================================================== KDTrainer on-policy
+def training_arguments(tmp_path: Path, **overrides: Any) -> Any:
+    settings: dict[str, Any] = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 0.5,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "seed": 7,
+        **overrides,
+    }
+    return transformers.TrainingArguments(**settings)
+
+
+def prompt_examples(n: int, seed: int = 0, length: int = 10) -> list[dict[str, torch.Tensor]]:
+    """Fixed text whose first 2 to 4 labels are -100: the prompt on-policy steps complete."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (length,), generator=generator)
+        labels = ids.clone()
+        labels[: int(torch.randint(2, 5, (), generator=generator))] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+class RecordingTrainer(KDTrainer):  # type: ignore[misc]
+    """Keeps the batch and the loss of each micro-batch it trained on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training:
+            self.seen.append(({k: v.clone() for k, v in inputs.items()}, loss.detach().clone()))
+        return loss
+
+
+def on_policy_trainer(tmp_path: Path, student: Any, teacher: Any, **options: Any) -> Any:
+    return RecordingTrainer(
+        model=student,
+        args=training_arguments(tmp_path, max_steps=options.pop("max_steps", 1)),
+        kd_config={
+            "teacher_model": teacher,
+            "criterion": options.pop("criterion", {"name": "forward_kl"}),
+        },
+        train_dataset=prompt_examples(4),
+        **options,
+    )
+
+
+def test_on_policy_fraction_zero_trains_exactly_as_before(tmp_path: Path) -> None:
+    teacher = tiny_llama(seed=1, hidden=32)
+    before, fraction_zero = tiny_llama(), tiny_llama()
+    RecordingTrainer(
+        model=before,
+        args=training_arguments(tmp_path, max_steps=2),
+        kd_config={"teacher_model": teacher, "criterion": {"name": "forward_kl"}},
+        train_dataset=prompt_examples(4),
+    ).train()
+    on_policy_trainer(
+        tmp_path, fraction_zero, teacher, on_policy_fraction=0.0, max_new_tokens=4, max_steps=2
+    ).train()
+    for (name, a), b in zip(before.named_parameters(), fraction_zero.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def leading_ignored(labels: torch.Tensor) -> torch.Tensor:
+    return (labels == -100).int().cumprod(-1).sum(-1)
+
+
+@pytest.mark.parametrize("criterion", ["forward_kl", "jsd", "sampled_reverse_kl"])
+def test_an_on_policy_step_trains_on_the_students_completions_of_the_prompts(
+    tmp_path: Path, criterion: str
+) -> None:
+    teacher, student = tiny_llama(seed=1, hidden=32), tiny_llama()
+    reference = copy.deepcopy(student)
+    trainer = on_policy_trainer(
+        tmp_path,
+        student,
+        teacher,
+        criterion={"name": criterion},
+        on_policy_fraction=1.0,
+        max_new_tokens=5,
+    )
+    trainer.train()
+    ((batch, loss),) = trainer.seen  # one step, one micro-batch of 2 rows
+
+    prompts = {
+        tuple(e["input_ids"][: leading_ignored(e["labels"])].tolist()) for e in prompt_examples(4)
+    }
+    lengths = leading_ignored(batch["labels"])
+    for row, n in enumerate(lengths.tolist()):
+        assert tuple(batch["input_ids"][row, :n].tolist()) in prompts  # a dataset prompt...
+        assert (batch["labels"][row, n : n + 1] != -100).all()  # ...then a labelled completion
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+
+    # the criterion on the generated batch, computed here, with the student as it was
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    student_logits = reference(input_ids=ids, attention_mask=mask).logits
+    expected = kd.registries().criteria.get(criterion)()(
+        student_logits, teacher_logits, labels=llm.shift_labels(batch["labels"])
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected.backward()  # prompt rows are masked here: the step's update must be this gradient
+    trained = dict(student.named_parameters())
+    for name, before in reference.named_parameters():
+        assert before.grad is not None
+        torch.testing.assert_close(trained[name], before - 0.5 * before.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_on_policy_steps_are_drawn_and_sampled_the_same_under_one_seed(tmp_path: Path) -> None:
+    teacher = tiny_llama(seed=1, hidden=32)
+    runs = []
+    for attempt in range(2):
+        trainer = on_policy_trainer(
+            tmp_path / str(attempt),
+            tiny_llama(),
+            teacher,
+            on_policy_fraction=0.5,
+            max_new_tokens=4,
+            max_steps=4,
+        )
+        trainer.train()
+        runs.append(trainer.seen)
+    assert len(runs[0]) == len(runs[1]) == 4
+    for (first, loss_1), (second, loss_2) in zip(*runs, strict=True):
+        assert all(torch.equal(first[k], second[k]) for k in first) and torch.equal(loss_1, loss_2)
+    fixed_text = {tuple(e["input_ids"].tolist()) for e in prompt_examples(4)}
+    on_policy = [
+        any(tuple(row.tolist()) not in fixed_text for row in batch["input_ids"])
+        for batch, _ in runs[0]
+    ]
+    assert any(on_policy) and not all(on_policy)  # a fraction of the steps, not all or none
+
+
+def test_a_row_without_a_prompt_is_named(tmp_path: Path) -> None:
+    data = prompt_examples(2)
+    data[1]["labels"] = data[1]["input_ids"].clone()
+    trainer = KDTrainer(
+        model=tiny_llama(),
+        args=training_arguments(tmp_path),
+        kd_config={"teacher_model": tiny_llama(seed=1), "criterion": {"name": "forward_kl"}},
+        train_dataset=data,
+        on_policy_fraction=1.0,
+        max_new_tokens=3,
+    )
+    with pytest.raises(kd.DistillationStateError, match=r"row \d of micro-batch 0 has no prompt"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"on_policy_fraction": 0.5}, "needs max_new_tokens"),
+        ({"on_policy_fraction": 1.5, "max_new_tokens": 2}, "on_policy_fraction"),
+        ({"on_policy_fraction": 1.0, "max_new_tokens": 0}, "max_new_tokens"),
+        ({"on_policy_fraction": 1.0, "max_new_tokens": 2, "top_p": 0.0}, "top_p"),
+    ],
+)
+def test_bad_on_policy_options_are_config_errors(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(kd.ConfigError, match=message):
+        KDTrainer(
+            model=tiny_llama(),
+            args=training_arguments(tmp_path),
+            kd_config={"teacher_model": tiny_llama(seed=1), "criterion": {"name": "forward_kl"}},
+            **options,
+        )

@@ -15,6 +15,10 @@ accumulation, so a balancer that compares magnitudes sees the same values either
 
 Tokens are counted after the causal shift (``causal_shift=True``): logit row ``i`` predicts
 ``labels[i + 1]``, and a row whose label is ``-100`` is left out of every loss.
+
+On-policy steps (``on_policy_fraction > 0``) replace the step's micro-batches by the student's
+own completions of their prompts before the tokens are counted, so the normalisation above holds
+for generated batches as it does for fixed text.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from transformers.trainer_utils import EvalLoopOutput
 import kdcore as kd
 from kdcore import ConfigError, DistillationModel, DistillationStateError, llm
 from kdcore.plugin import is_distillation_model
+from kdcore.validation import check_positive_int, check_temperature, check_unit_interval
 
 #: Where checkpoints keep the loss modules' weights and balancer buffers (for resuming): not in
 #: the model's weights file, which holds the student alone.
@@ -66,6 +71,17 @@ class KDTrainer(transformers.Trainer):
         criterion, balancer), as in ``kd.convert``.
     :param causal_shift: compare logit row ``i`` with ``labels[i + 1]`` (causal LMs); ``False``
         when labels are already aligned with the logits.
+    :param on_policy_fraction: the fraction of optimiser steps whose completions the student
+        generates itself (on-policy distillation, GKD's ``lmbda``); ``0`` (the default) trains on
+        the dataset's text only. Each step draws, seeded by ``args.seed`` and the step, whether it
+        is on-policy; its micro-batches are then replaced by :func:`kdcore.llm.generate_completions`
+        of the student from each row's prompt (its leading ``-100`` labels): ``input_ids``,
+        ``attention_mask`` and ``labels`` covering the completion only. The loss is then
+        computed as on any batch.
+    :param max_new_tokens: the longest completion (needed when ``on_policy_fraction > 0``).
+    :param generation_temperature: ``top_p``: how the completions are sampled (temperature 1
+        and top-p 1 sample from the student itself); sampling stops at the student's
+        ``eos_token_id`` (its generation config's, else its config's).
 
     Every batch needs ``labels`` (input ids, ``-100`` where no loss counts). ``labels=`` reaches
     the criteria whose ``forward`` takes it, shifted, so the logit divergences skip masked rows.
@@ -84,6 +100,10 @@ class KDTrainer(transformers.Trainer):
         *,
         kd_config: Mapping[str, Any] | kd.KDLossConfig | None = None,
         causal_shift: bool = True,
+        on_policy_fraction: float = 0.0,
+        max_new_tokens: int | None = None,
+        generation_temperature: float = 1.0,
+        top_p: float = 1.0,
         **kwargs: Any,
     ) -> None:
         for refused, why in (
@@ -110,6 +130,19 @@ class KDTrainer(transformers.Trainer):
                 "kd_config={'teacher_model': ..., 'criterion': ...}, or a model kd.convert made"
             )
         self.causal_shift = causal_shift
+        self.on_policy_fraction = check_unit_interval("on_policy_fraction", on_policy_fraction)
+        if self.on_policy_fraction > 0 and max_new_tokens is None:
+            raise ConfigError(
+                f"on_policy_fraction={on_policy_fraction!r} needs max_new_tokens= (the longest "
+                "completion the student generates)"
+            )
+        self.max_new_tokens = (
+            None if max_new_tokens is None else check_positive_int("max_new_tokens", max_new_tokens)
+        )
+        self.generation_temperature = check_temperature(generation_temperature)
+        self.top_p = check_unit_interval("top_p", top_p)
+        if self.top_p == 0:
+            raise ConfigError("top_p must be in (0, 1], got 0 (no token would be kept)")
         self._eval_totals: torch.Tensor | None = None
         super().__init__(model=model, args=args, **kwargs)
         # The loss is normalised by the step's token count here (see the module docstring),
@@ -132,6 +165,10 @@ class KDTrainer(transformers.Trainer):
     ) -> tuple[list[Any], torch.Tensor | int | None]:
         """The step's micro-batches and its token count, counted after the causal shift."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.on_policy_fraction > 0 and self._is_on_policy_step():
+            batch_samples = [
+                self._generated_batch(batch, index) for index, batch in enumerate(batch_samples)
+            ]
         labels = [batch[LABELS] for batch in batch_samples if LABELS in batch]
         if not labels:
             return batch_samples, None
@@ -140,6 +177,42 @@ class KDTrainer(transformers.Trainer):
             total = self.accelerator.gather(torch.tensor([count], device=device)).sum()
             count = int(total.item())
         return batch_samples, count
+
+    def _is_on_policy_step(self) -> bool:
+        """This step's draw: the same on every rank, and again when the run resumes."""
+        draw = torch.Generator().manual_seed(_seed_of(self.args.seed, self.state.global_step))
+        return bool(torch.rand((), generator=draw) < self.on_policy_fraction)
+
+    def _generated_batch(self, batch: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
+        """The student's completions of the micro-batch's prompts (its leading -100 labels)."""
+        labels, ids = batch[LABELS], batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        prompt_lengths = (labels == llm.IGNORE_INDEX).int().cumprod(-1).sum(-1)
+        if bool((prompt_lengths == 0).any()):
+            row = int((prompt_lengths == 0).nonzero()[0])
+            raise DistillationStateError(
+                f"KDTrainer: on-policy step {self.state.global_step}: row {row} of micro-batch "
+                f"{index} has no prompt (its first label is not -100), so there is nothing to "
+                "complete; label the prompt -100"
+            )
+        width = int(prompt_lengths.max())
+        in_prompt = torch.arange(width, device=ids.device) < prompt_lengths[:, None]
+        meta = self.distillation_model()
+        generator = torch.Generator(ids.device).manual_seed(
+            _seed_of(self.args.seed, self.state.global_step, self.args.process_index, index)
+        )
+        with meta.only_student_forward():
+            return llm.generate_completions(
+                meta,
+                ids[:, :width],
+                mask[:, :width] * in_prompt,
+                max_new_tokens=self.max_new_tokens,  # type: ignore[arg-type]
+                temperature=self.generation_temperature,
+                top_p=self.top_p,
+                eos_token_id=_eos_token_ids(meta),
+                generator=generator,
+            )
 
     def compute_loss(
         self,
@@ -297,6 +370,20 @@ class KDTrainer(transformers.Trainer):
         if output_dir is not None:
             self.save_model(output_dir)
         return student
+
+
+def _seed_of(*numbers: int) -> int:
+    """One seed from several integers (the hash of a tuple of ints is the same in every run)."""
+    return hash(numbers) & (2**63 - 1)
+
+
+def _eos_token_ids(model: nn.Module) -> list[int]:
+    """The model's end-of-sequence ids: its generation config's, else its config's."""
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return []
 
 
 def _kd_state_backend() -> Any:
