@@ -416,3 +416,39 @@ def test_bad_on_policy_options_are_config_errors(
             kd_config={"teacher_model": tiny_llama(seed=1), "criterion": {"name": "forward_kl"}},
             **options,
         )
+
+
+def test_a_resumed_on_policy_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    """The draws and the samples depend on the seed and the step only, not on RNG state."""
+    teacher = tiny_llama(seed=1, hidden=32)
+
+    def run(folder: str, max_steps: int, resume: str | None = None) -> Any:
+        student = tiny_llama()
+        trainer = KDTrainer(
+            model=student,
+            args=training_arguments(
+                tmp_path / folder, max_steps=max_steps, save_strategy="steps", save_steps=2
+            ),
+            kd_config={"teacher_model": teacher, "criterion": {"name": "forward_kl"}},
+            train_dataset=prompt_examples(8),
+            on_policy_fraction=1.0,
+            max_new_tokens=4,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return dict(student.named_parameters())
+
+    uninterrupted = run("whole", 4)
+    run("first-half", 2)
+    resumed = run("first-half", 4, resume=str(tmp_path / "first-half" / "run" / "checkpoint-2"))
+    for name, parameter in uninterrupted.items():
+        assert torch.equal(parameter, resumed[name]), name
+
+
+def test_generation_stops_at_any_of_several_eos_ids() -> None:
+    always = tiny_llama()
+    always.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_fill(-1, torch.tensor([7]), 50.0)
+    )
+    batch = generate(always, eos_token_id=[EOS, 7])
+    assert torch.equal(batch["attention_mask"].sum(-1), PROMPT_MASK.sum(-1) + 1)
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == EOS).all()  # the first pads
