@@ -218,11 +218,14 @@ def generate_completions(
     if top_p == 0:
         raise ConfigError("top_p must be in (0, 1], got 0 (no token would be kept)")
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
-        raise ValueError("generate_completions: prompt_ids must be a [B, P] tensor of token ids")
+        raise ConfigError(
+            f"generate_completions: prompt_ids must be a [B, P] tensor of token ids, got "
+            f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else prompt_ids!r}"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(prompt_ids)
     if attention_mask.shape != prompt_ids.shape:
-        raise ValueError(
+        raise ConfigError(
             f"generate_completions: attention_mask {tuple(attention_mask.shape)} does not match "
             f"prompt_ids {tuple(prompt_ids.shape)}"
         )
@@ -239,8 +242,8 @@ def generate_completions(
     eos_ids = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
     tokens, kept = [], []
     # transformers 5 renamed ``past_key_values`` to ``cache``
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else None
-    cache_name = cache_name or "past_key_values"
+    parameters = inspect.signature(model.forward).parameters
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
     was_training = model.training
     model.eval()
     try:

@@ -452,3 +452,10 @@ def test_generation_stops_at_any_of_several_eos_ids() -> None:
     batch = generate(always, eos_token_id=[EOS, 7])
     assert torch.equal(batch["attention_mask"].sum(-1), PROMPT_MASK.sum(-1) + 1)
     assert (batch["input_ids"][batch["attention_mask"] == 0] == EOS).all()  # the first pads
+
+
+def test_a_prompt_mask_of_another_shape_is_named() -> None:
+    with pytest.raises(kd.ConfigError, match=r"attention_mask \(3, 3\) does not match"):
+        llm.generate_completions(
+            tiny_llama(), PROMPTS, PROMPT_MASK[:, :3], max_new_tokens=2, eos_token_id=EOS
+        )
