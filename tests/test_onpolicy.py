@@ -459,3 +459,44 @@ def test_a_prompt_mask_of_another_shape_is_named() -> None:
         llm.generate_completions(
             tiny_llama(), PROMPTS, PROMPT_MASK[:, :3], max_new_tokens=2, eos_token_id=EOS
         )
+
+
+def gkd_jsd(student_logits: Any, teacher_logits: Any, labels: Any, beta: float) -> Any:
+    """GKD's generalised JSD written out (TRL's endpoints), a mean over the labelled rows."""
+    rows = labels != -100
+    log_p, log_q = student_logits[rows].log_softmax(-1), teacher_logits[rows].log_softmax(-1)
+    p, q = log_p.exp(), log_q.exp()
+    if beta == 0:
+        per_row = (q * (log_q - log_p)).sum(-1)
+    elif beta == 1:
+        per_row = (p * (log_p - log_q)).sum(-1)
+    else:
+        log_m = (beta * q + (1 - beta) * p).log()
+        per_row = beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
+    return per_row.mean()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_the_on_policy_loss_is_the_gkd_formula_in_float64(tmp_path: Path, beta: float) -> None:
+    teacher, student = tiny_llama(seed=1, hidden=32).double(), tiny_llama().double()
+    reference = copy.deepcopy(student)
+    trainer = on_policy_trainer(
+        tmp_path,
+        student,
+        teacher,
+        criterion={"name": "jsd", "beta": beta},
+        on_policy_fraction=1.0,
+        max_new_tokens=5,
+    )
+    trainer.train()
+    ((batch, loss),) = trainer.seen
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        expected = gkd_jsd(
+            reference(input_ids=ids, attention_mask=mask).logits,
+            teacher(input_ids=ids, attention_mask=mask).logits,
+            llm.shift_labels(batch["labels"]),
+            beta,
+        )
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected.item()) < 1e-6
