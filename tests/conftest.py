@@ -40,6 +40,27 @@ def make_teacher() -> TinyNet:
     return TinyNet(width=16)
 
 
+def tiny_llama_from_config(
+    *, vocab: int, hidden: int, seed: int = 0, layers: int = 2, tied: bool = False
+) -> Any:
+    """A Hugging Face Llama causal LM built from a config (no download), weights drawn after
+    ``torch.manual_seed(seed)``; transformers is imported here, by the tests that use it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

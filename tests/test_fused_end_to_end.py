@@ -32,24 +32,15 @@ transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
 
+from tests.conftest import tiny_llama_from_config  # noqa: E402
+
 F64 = {"atol": 1e-12, "rtol": 1e-10}
 VOCAB, LENGTH = 101, 33  # no other width is 101; a micro-batch holds more positions than one
 LABELS = torch.tensor([[3, -100, 1, 0, 7], [-100, -100, 2, 5, 12], [4, 4, -100, 9, 1]])
 
 
 def tiny_llama(hidden: int = 32, seed: int = 0, vocab: int = VOCAB, tied: bool = False) -> Any:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama_from_config(vocab=vocab, hidden=hidden, seed=seed, tied=tied)
 
 
 def examples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:

@@ -18,21 +18,13 @@ transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
 
+from tests.conftest import tiny_llama_from_config  # noqa: E402
+
 VOCAB, EOS = 23, 2
 
 
 def tiny_llama(seed: int = 0, hidden: int = 16) -> Any:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama_from_config(vocab=VOCAB, hidden=hidden, seed=seed)
 
 
 PROMPTS = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0], [0, 11, 12, 13]])

@@ -14,7 +14,7 @@ import torch
 
 import kdcore as kd
 from kdcore import llm
-from tests.conftest import TinyNet
+from tests.conftest import TinyNet, tiny_llama_from_config
 
 CLASSES = 10
 
@@ -206,17 +206,7 @@ VOCAB, LENGTH = 128, 9
 
 
 def tiny_llama(hidden: int, seed: int) -> Any:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama_from_config(vocab=VOCAB, hidden=hidden, seed=seed, layers=1)
     with torch.no_grad():  # sharper than at random, so that losses are O(1), not float32 noise
         model.lm_head.weight.mul_(30.0)
     return model

@@ -23,21 +23,13 @@ transformers = pytest.importorskip("transformers")
 from kdcore_transformers import KDTrainer  # noqa: E402
 from kdcore_transformers.trainer import KD_STATE_FILE  # noqa: E402
 
+from tests.conftest import tiny_llama_from_config  # noqa: E402
+
 VOCAB, LENGTH = 128, 9
 
 
 def tiny_llama(hidden: int = 32, layers: int = 2, seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama_from_config(vocab=VOCAB, hidden=hidden, seed=seed, layers=layers)
 
 
 def examples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
