@@ -1,14 +1,16 @@
-"""The reverse KL estimated from the sampled token alone (Schulman's k1 and k3 estimators).
+"""The reverse KL estimated from the sampled token alone (Schulman's k1, k2 and k3 estimators).
 
 On-policy distillation samples each completion token ``x`` from the student ``p`` and compares
 it with the teacher ``q``. With ``r = q(x) / p(x)`` the ratio at the sampled token,
 
 * ``k1 = -log r = log p(x) - log q(x)``
+* ``k2 = (log r)^2 / 2``
 * ``k3 = (r - 1) - log r``
 
-both have expectation ``KL(p || q)`` over ``x ~ p`` (Schulman, "Approximating KL Divergence",
-2020): they need the teacher's log-probability of one token a position, not its distribution.
-What their gradients estimate, and their bias, is in ``docs/losses.md``.
+k1 and k3 have expectation ``KL(p || q)`` over ``x ~ p``, k2 only up to third order in ``log r``
+(Schulman, "Approximating KL Divergence", 2020): they need the teacher's log-probability of one
+token a position, not its distribution. What their gradients estimate, and their bias, is in
+``docs/losses.md``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from kdcore import ConfigError
 from kdcore.validation import IGNORE_INDEX, as_logits, check_ignore_index, check_reduction
 from kdcore_builtins.divergences.masks import check_num_items, kept_rows, reduce_rows
 
-ESTIMATORS = ("k1", "k3")
+ESTIMATORS = ("k1", "k2", "k3")
 
 
 class SampledReverseKLLoss(nn.Module):
@@ -37,8 +39,8 @@ class SampledReverseKLLoss(nn.Module):
     ``num_items_in_batch`` as the other logit divergences (:mod:`kdcore_builtins.divergences`),
     but always a mean over the labelled positions for ``"batchmean"``; no ``"mean"`` (there is
     no class dimension to average over). Vocabularies may differ in size; every sampled token
-    must lie in both. Unbiased only for tokens sampled from the student at temperature 1 with
-    no top-p cut (see ``docs/losses.md``).
+    must lie in both. What each estimates (k1 and k3 the KL, k2 its gradient) holds only for
+    tokens sampled from the student at temperature 1 with no top-p cut (see ``docs/losses.md``).
     """
 
     def __init__(
@@ -97,7 +99,12 @@ class SampledReverseKLLoss(nn.Module):
                 f"share) or be {self.ignore_index}; got {int(tokens.min())}..{int(tokens.max())}"
             )
         log_ratio = _token_log_prob(teacher.detach(), tokens) - _token_log_prob(student, tokens)
-        per_row = -log_ratio if self.estimator == "k1" else torch.expm1(log_ratio) - log_ratio
+        if self.estimator == "k1":
+            per_row = -log_ratio
+        elif self.estimator == "k2":
+            per_row = 0.5 * log_ratio.square()
+        else:
+            per_row = torch.expm1(log_ratio) - log_ratio
         return reduce_rows(
             per_row,
             reduction=self.reduction,
