@@ -187,6 +187,7 @@ def generate_completions(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    sync_ranks: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sample a completion of each prompt from ``model``: a batch to train on.
 
@@ -198,6 +199,11 @@ def generate_completions(
     was in. Each new token is drawn from ``softmax(logits / temperature)`` restricted to its
     top-``top_p`` nucleus, with ``generator`` (seed it for reproducible batches); a row stops at
     ``eos_token_id`` (or any of several), which is kept and labelled, so the model learns to stop.
+    Sampling stops once every row has stopped. With ``sync_ranks=True`` (every rank of the
+    ``torch.distributed`` default group calling at once) it stops once every row of every rank
+    has: a rank whose rows are done steps on with them masked, so all ranks run the model the
+    same number of times, as a forward holding collectives (FSDP2's parameter gathering) needs.
+    The tokens are the same either way.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``[B, L]`` and right-padded:
     every row is its prompt followed by its completion from position 0, so the model's default
@@ -260,7 +266,7 @@ def generate_completions(
                 tokens.append(token)
                 kept.append(~finished)
                 finished = finished | torch.isin(token, eos_ids)
-                if bool(finished.all()):
+                if _all_done(finished, sync_ranks):
                     break
                 inputs = {"input_ids": token[:, None], "position_ids": next_position}
                 step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
@@ -277,6 +283,16 @@ def generate_completions(
     input_ids = all_ids.gather(1, right)[:, :length].masked_fill(~keep, pad)
     labels = input_ids.masked_fill(~is_completion.gather(1, right)[:, :length], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": keep.long(), "labels": labels}
+
+
+def _all_done(finished: torch.Tensor, sync_ranks: bool) -> bool:
+    """Whether every row has stopped (on every rank, with ``sync_ranks``)."""
+    import torch.distributed as dist
+
+    running = (~finished).any().to(torch.int32)
+    if sync_ranks and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(running, op=dist.ReduceOp.MAX)
+    return not bool(running)
 
 
 def _packed(keep: torch.Tensor, *, to_the_right: bool) -> torch.Tensor:

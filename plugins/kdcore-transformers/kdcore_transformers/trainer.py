@@ -18,7 +18,8 @@ Tokens are counted after the causal shift (``causal_shift=True``): logit row ``i
 
 On-policy steps (``on_policy_fraction > 0``) replace the step's micro-batches by the student's
 own completions of their prompts before the tokens are counted, so the normalisation above holds
-for generated batches as it does for fixed text.
+for generated batches as it does for fixed text; sequence-level KD steps
+(``teacher_generated_fraction > 0``) by the teacher's.
 """
 
 from __future__ import annotations
@@ -78,10 +79,21 @@ class KDTrainer(transformers.Trainer):
         of the student from each row's prompt (its leading ``-100`` labels): ``input_ids``,
         ``attention_mask`` and ``labels`` covering the completion only. The loss is then
         computed as on any batch.
-    :param max_new_tokens: the longest completion (needed when ``on_policy_fraction > 0``).
+    :param teacher_generated_fraction: the fraction of optimiser steps whose completions the
+        teacher generates (sequence-level KD, TRL's ``seq_kd``), sampled as the student's are
+        (eval mode, no gradients, its KV cache, the same seeds) and trained on with the same
+        masks. One draw a step picks the student with probability ``on_policy_fraction``, else
+        the teacher with probability ``teacher_generated_fraction``, else the dataset's text, so
+        the two fractions may add up to 1 at most; TRL's ``seq_kd=True, lmbda=l`` is
+        ``on_policy_fraction=l, teacher_generated_fraction=1 - l``. ``0`` (the default) leaves
+        every draw as it was.
+    :param max_new_tokens: the longest completion (needed when either fraction is above 0).
     :param generation_temperature: ``top_p``: how the completions are sampled (temperature 1
-        and top-p 1 sample from the student itself); sampling stops at the student's
-        ``eos_token_id`` (its generation config's, else its config's).
+        and top-p 1 sample from the model itself); sampling stops at the generating model's
+        ``eos_token_id`` (its generation config's, else its config's). Under
+        ``torch.distributed`` every rank samples until every rank's rows have stopped, so a
+        model whose forward gathers its parameters (FSDP2's ``fully_shard``) runs as often on
+        each rank.
 
     Every batch needs ``labels`` (input ids, ``-100`` where no loss counts). ``labels=`` reaches
     the criteria whose ``forward`` takes it, shifted, so the logit divergences skip masked rows.
@@ -101,6 +113,7 @@ class KDTrainer(transformers.Trainer):
         kd_config: Mapping[str, Any] | kd.KDLossConfig | None = None,
         causal_shift: bool = True,
         on_policy_fraction: float = 0.0,
+        teacher_generated_fraction: float = 0.0,
         max_new_tokens: int | None = None,
         generation_temperature: float = 1.0,
         top_p: float = 1.0,
@@ -131,11 +144,23 @@ class KDTrainer(transformers.Trainer):
             )
         self.causal_shift = causal_shift
         self.on_policy_fraction = check_unit_interval("on_policy_fraction", on_policy_fraction)
-        if self.on_policy_fraction > 0 and max_new_tokens is None:
+        self.teacher_generated_fraction = check_unit_interval(
+            "teacher_generated_fraction", teacher_generated_fraction
+        )
+        if self.on_policy_fraction + self.teacher_generated_fraction > 1:
             raise ConfigError(
-                f"on_policy_fraction={on_policy_fraction!r} needs max_new_tokens= (the longest "
-                "completion the student generates)"
+                f"on_policy_fraction={on_policy_fraction!r} and teacher_generated_fraction="
+                f"{teacher_generated_fraction!r} add up to more than 1 (they are shares of the "
+                "same steps)"
             )
+        for name, fraction in (
+            ("on_policy_fraction", on_policy_fraction),
+            ("teacher_generated_fraction", teacher_generated_fraction),
+        ):
+            if fraction > 0 and max_new_tokens is None:
+                raise ConfigError(
+                    f"{name}={fraction!r} needs max_new_tokens= (the longest completion generated)"
+                )
         self.max_new_tokens = (
             None if max_new_tokens is None else check_positive_int("max_new_tokens", max_new_tokens)
         )
@@ -165,9 +190,11 @@ class KDTrainer(transformers.Trainer):
     ) -> tuple[list[Any], torch.Tensor | int | None]:
         """The step's micro-batches and its token count, counted after the causal shift."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.on_policy_fraction > 0 and self._is_on_policy_step():
+        generating = self._generating_side()
+        if generating is not None:
             batch_samples = [
-                self._generated_batch(batch, index) for index, batch in enumerate(batch_samples)
+                self._generated_batch(batch, index, by_student=generating == "student")
+                for index, batch in enumerate(batch_samples)
             ]
         labels = [batch[LABELS] for batch in batch_samples if LABELS in batch]
         if not labels:
@@ -178,13 +205,25 @@ class KDTrainer(transformers.Trainer):
             count = int(total.item())
         return batch_samples, count
 
-    def _is_on_policy_step(self) -> bool:
-        """This step's draw: the same on every rank, and again when the run resumes."""
+    def _generating_side(self) -> str | None:
+        """Who completes this step's prompts: ``"student"``, ``"teacher"`` or None (nobody, the
+        dataset's text is trained on). The draw is the same on every rank, and again when the run
+        resumes."""
+        if self.on_policy_fraction == 0 and self.teacher_generated_fraction == 0:
+            return None
         draw = torch.Generator().manual_seed(_seed_of(self.args.seed, self.state.global_step))
-        return bool(torch.rand((), generator=draw) < self.on_policy_fraction)
+        value = torch.rand((), generator=draw)
+        if value < self.on_policy_fraction:
+            return "student"
+        if value < self.on_policy_fraction + self.teacher_generated_fraction:
+            return "teacher"
+        return None
 
-    def _generated_batch(self, batch: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
-        """The student's completions of the micro-batch's prompts (its leading -100 labels)."""
+    def _generated_batch(
+        self, batch: Mapping[str, Any], index: int, *, by_student: bool
+    ) -> dict[str, torch.Tensor]:
+        """The student's (or the teacher's) completions of the micro-batch's prompts (its
+        leading -100 labels), sampled with the same seed either way."""
         labels, ids = batch[LABELS], batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
@@ -192,7 +231,8 @@ class KDTrainer(transformers.Trainer):
         if bool((prompt_lengths == 0).any()):
             row = int((prompt_lengths == 0).nonzero()[0])
             raise DistillationStateError(
-                f"KDTrainer: on-policy step {self.state.global_step}: row {row} of micro-batch "
+                f"KDTrainer: {'on-policy' if by_student else 'teacher-generated'} step "
+                f"{self.state.global_step}: row {row} of micro-batch "
                 f"{index} has no prompt (its first label is not -100), so there is nothing to "
                 "complete; label the prompt -100"
             )
@@ -202,17 +242,30 @@ class KDTrainer(transformers.Trainer):
         generator = torch.Generator(ids.device).manual_seed(
             _seed_of(self.args.seed, self.state.global_step, self.args.process_index, index)
         )
-        with meta.only_student_forward():
-            return llm.generate_completions(
+        # Through the meta-model's forward, whose hooks gather the parameters under FSDP2
+        with meta.only_student_forward(by_student), meta.only_teacher_forward(not by_student):
+            generated = llm.generate_completions(
                 meta,
                 ids[:, :width],
                 mask[:, :width] * in_prompt,
                 max_new_tokens=self.max_new_tokens,  # type: ignore[arg-type]
                 temperature=self.generation_temperature,
                 top_p=self.top_p,
-                eos_token_id=_eos_token_ids(meta),
+                eos_token_id=_eos_token_ids(meta if by_student else meta.teacher_model),
                 generator=generator,
+                sync_ranks=self.args.world_size > 1,
             )
+        vocabulary = getattr(getattr(meta, "config", None), "vocab_size", None)
+        if not by_student and vocabulary is not None:
+            largest = int(generated["input_ids"].max())
+            if largest >= vocabulary:
+                raise DistillationStateError(
+                    f"KDTrainer: teacher-generated step {self.state.global_step}: the teacher "
+                    f"sampled token {largest}, outside the student's vocabulary of {vocabulary} "
+                    "(teacher_generated_fraction needs the teacher and the student to share a "
+                    "tokenizer)"
+                )
+        return generated
 
     def compute_loss(
         self,
