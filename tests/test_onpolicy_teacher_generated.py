@@ -55,12 +55,23 @@ def teacher_generated_step(tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def test_a_teacher_generated_step_trains_on_what_the_teacher_samples_with_the_students_seed(
-    tmp_path: Path, teacher_generated_step: dict[str, Any]
+    tmp_path: Path,
 ) -> None:
-    # a student with the teacher's weights samples, on-policy, the very same batch
+    # Tiny random models are nearly uniform, so a low temperature tells their samples apart
+    teacher = tiny_llama(seed=TEACHER_SEED, hidden=TEACHER_HIDDEN)
+    options = {"generation_temperature": 0.1}
+    ((by_teacher, _),) = batches_seen(
+        tmp_path / "a", tiny_llama(), teacher, teacher_generated_fraction=1.0, **options
+    )
+    # a student with the teacher's weights samples, on-policy, the very same batch...
     twin = tiny_llama(seed=TEACHER_SEED, hidden=TEACHER_HIDDEN)
-    ((by_twin, _),) = batches_seen(tmp_path, twin, tiny_llama(seed=2), on_policy_fraction=1.0)
-    assert same_batch(teacher_generated_step["batch"], by_twin)
+    ((by_twin, _),) = batches_seen(tmp_path / "b", twin, teacher, on_policy_fraction=1.0, **options)
+    assert same_batch(by_teacher, by_twin)
+    # ...which the student does not
+    ((by_student, _),) = batches_seen(
+        tmp_path / "c", tiny_llama(), teacher, on_policy_fraction=1.0, **options
+    )
+    assert not same_batch(by_teacher, by_student)
 
 
 def test_the_teacher_generated_batch_is_masked_and_trained_on_like_an_on_policy_one(
