@@ -12,9 +12,11 @@ The format (a folder, never code):
 - ``manifest.json``: what the cache depends on (the teacher spec and a fingerprint of its
   weights, the vocabulary size, ``top_k``/``top_p``, temperature, compression) and its
   complete shards, in order;
-- ``shard-NNNNN.safetensors``, one per ``examples_per_shard`` examples: ``fingerprints``
-  (uint8 [n, 16], one per example), ``offsets`` (int64 [n + 1], each example's first position
-  row), ``positions`` (int64 [P], a row's position within its example, flattened), the [P, k]
+- ``shard-NNNNN.safetensors`` (``shard-rankR-NNNNN`` from rank R under torchrun, listed in
+  ``manifest-rankR.json`` until merged), one per ``examples_per_shard`` examples:
+  ``fingerprints`` (uint8 [n, 16], one per example, over its attended tokens), ``offsets``
+  (int64 [n + 1], each example's first position row), ``positions`` (int64 [P], a row's
+  position within its example, flattened; among its attended tokens), the [P, k]
   vocabulary indices and teacher logits / T at those entries as the compression stores them
   (:mod:`kdcore._cache_codec`; -inf where ``top_p`` kept fewer than k), ``logsumexp``
   (float32 [P], over all the row's logits / T) and ``tail`` (float32 [P], over the others).
@@ -68,19 +70,46 @@ class TeacherCacheError(KDCoreError, ValueError):
 # ---- fingerprints ------------------------------------------------------------------------
 
 
-def input_fingerprints(inputs: torch.Tensor) -> list[bytes]:
+def input_fingerprints(
+    inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> list[bytes]:
     """One 16-byte fingerprint per example (first dimension) of ``inputs``: its dtype, shape and
     values. Integer inputs (token ids) count as int64, so int32 and int64 ids of the same tokens
-    match; examples must be padded the same way when cached and when trained on."""
+    match. With an ``attention_mask`` ``[B, S]`` over token ids ``[B, S]``, only each example's
+    attended tokens count, as if unpadded: an example padded on the left, on the right or not at
+    all has one fingerprint."""
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
         raise TeacherCacheError(
             f"the teacher cache keys examples by their input tensor [B, ...]; got {shown(inputs)}"
         )
     x = inputs.detach().cpu()
     x = x.contiguous() if x.is_floating_point() else x.to(torch.int64).contiguous()
-    head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
     rows = x.reshape(x.shape[0], -1).view(torch.uint8).numpy()
-    return [hashlib.sha256(head + row.tobytes()).digest()[:FINGERPRINT_BYTES] for row in rows]
+    head = f"{x.dtype}{tuple(x.shape[1:])}".encode()
+    mask = attended(inputs, attention_mask)
+    if mask is None:
+        return [hashlib.sha256(head + row.tobytes()).digest()[:FINGERPRINT_BYTES] for row in rows]
+    fingerprints = []
+    for row, keep in zip(x, mask.cpu(), strict=True):
+        tokens = row[keep]
+        head = f"{x.dtype}{tuple(tokens.shape)}".encode()
+        digest = hashlib.sha256(head + tokens.view(torch.uint8).numpy().tobytes())
+        fingerprints.append(digest.digest()[:FINGERPRINT_BYTES])
+    return fingerprints
+
+
+def attended(inputs: torch.Tensor, attention_mask: Any) -> torch.Tensor | None:
+    """Bool ``[B, S]`` of the tokens an ``attention_mask`` keeps, or None where it keeps all (or
+    does not apply: no mask, or inputs other than token ids ``[B, S]``)."""
+    if not isinstance(attention_mask, torch.Tensor) or inputs.dim() != 2:
+        return None
+    if tuple(attention_mask.shape) != tuple(inputs.shape):
+        raise TeacherCacheError(
+            f"attention_mask {tuple(attention_mask.shape)} and input_ids "
+            f"{tuple(inputs.shape)} differ in shape"
+        )
+    mask = attention_mask.detach() != 0
+    return None if bool(mask.all()) else mask
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -89,7 +118,7 @@ def weights_fingerprint(module: nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # no copy: hashed in place
     return digest.hexdigest()
 
 
@@ -185,16 +214,17 @@ def model_inputs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor
     )
 
 
-def kept_positions(logits: torch.Tensor, labels: Any) -> torch.Tensor:
-    """Bool ``[B, ...]`` of the positions to cache: with per-token labels of a causal LM (logits
-    ``[B, S, V]``, labels ``[B, S]``), those whose shifted label is not -100; else all."""
+def kept_positions(logits: torch.Tensor, labels: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool ``[B, ...]`` of the positions to cache: for a causal LM (logits ``[B, S, V]``), the
+    attended tokens (``mask``, from :func:`attended`) whose shifted label (``labels [B, S]``)
+    is not -100; else all."""
     keep = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if (
-        isinstance(labels, torch.Tensor)
-        and logits.dim() == 3
-        and tuple(labels.shape) == tuple(logits.shape[:-1])
-    ):
-        keep = shift_labels(labels.to(logits.device)) != IGNORE_INDEX
+    if logits.dim() != 3:
+        return keep
+    if mask is not None and tuple(mask.shape) == tuple(keep.shape):
+        keep &= mask.to(keep.device)
+    if isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(keep.shape):
+        keep &= shift_labels(labels.to(logits.device)) != IGNORE_INDEX
     return keep
 
 
@@ -218,7 +248,12 @@ def sparse_distribution(
         dropped[:, 0] = False  # the largest is always kept
         kept = kept.masked_fill(dropped, -math.inf)
         top = torch.where(dropped, top[:, :1], top)
-    tail = torch.logsumexp(b.scatter(-1, top, -math.inf), -1)
+    # Online topk_kl's tail, logsumexp(b with the kept entries at -inf), bit for bit: the
+    # lowest finite value underflows to the same zeros, and CPU exp(-inf) is 3x slower. An
+    # empty tail comes out as that value: -inf again.
+    fill = torch.finfo(b.dtype).min
+    tail = torch.logsumexp(b.scatter(-1, top, fill), -1)
+    tail = tail.masked_fill_(tail <= fill, -math.inf)
     return top, kept.float(), lse.float(), tail.float()
 
 
@@ -260,6 +295,16 @@ def _teacher_record(teacher: Any) -> tuple[nn.Module, dict[str, Any]]:
     return module, {"spec": spec, "fingerprint": weights_fingerprint(module)}
 
 
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` in the initialised ``torch.distributed`` group; ``(0, 1)``
+    without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def cache_teacher(
     teacher: Any,
     data: Iterable[Any],
@@ -272,20 +317,28 @@ def cache_teacher(
     examples_per_shard: int = 1024,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = None,
+    split_data: bool = True,
 ) -> Path:
     """Run ``teacher`` over ``data`` once and cache its sparse output distribution at ``path``.
 
     ``teacher`` is an ``nn.Module`` or any teacher spec ``kd.convert`` accepts; ``data`` yields
     batches: an input tensor, a tuple ``(inputs, labels)`` or a mapping with ``input_ids`` (and
-    ``labels``: a causal LM's positions whose shifted label is -100 are skipped). Per position the
-    cache keeps the ``top_k`` largest entries of ``logits / temperature`` (with ``top_p``, only
-    the smallest prefix whose probability reaches it), their log-sum-exp and the tail's.
-    ``compression`` is ``"float32"`` (lossless: training from it equals online ``topk_kl``),
-    ``"bfloat16"`` or ``"compressed"`` (at most 24 bits per entry, index and value, up to
-    V = 2**18 with k = 64; values within 1/1020 of each position's range). Rerunning after a
-    kill resumes after the last complete shard; a folder written with other arguments or
-    another teacher is refused. ``log`` (e.g. ``print``) gets a line per shard written. Returns
-    the folder::
+    ``labels``: a causal LM's positions whose shifted label is -100 are skipped; and
+    ``attention_mask``: only attended tokens are cached and fingerprinted, so the student may
+    pad each example otherwise). Per position the cache keeps the ``top_k`` largest entries of
+    ``logits / temperature`` (with ``top_p``, only the smallest prefix whose probability
+    reaches it), their log-sum-exp and the tail's. ``compression`` is ``"float32"`` (lossless:
+    training from it equals online ``topk_kl``), ``"bfloat16"`` or ``"compressed"`` (at most
+    24 bits per entry, index and value, up to V = 2**18 with k = 64; values within 1/1020 of
+    each position's range). Rerunning after a kill resumes after the last complete shard; a
+    folder written with other arguments or another teacher is refused. ``log`` (e.g.
+    ``print``) gets a line per shard written.
+
+    Under ``torch.distributed`` (``torchrun``), each rank caches every world-size-th batch of
+    ``data`` from its rank on (give every rank the same data; ``split_data=False`` when each
+    rank's ``data`` is its own share already) into shards of its own, listed in a manifest of
+    its own (each rank resumes from it); at the end rank 0 merges them into ``manifest.json``
+    and only rank 0 logs. Returns the folder::
 
         kd.cache_teacher(teacher, loader, "cache/", top_k=64)
         kd.convert(student, [("kd_loss", {"teacher_model": {"name": "cached", "path": "cache/"},
@@ -305,8 +358,8 @@ def cache_teacher(
             path="cache_teacher(compression=...)",
         )
     module, teacher_record = _teacher_record(teacher)
-    folder = Path(path)
-    manifest: dict[str, Any] = {
+    rank, world = process_group()
+    settings: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "teacher": teacher_record,
@@ -318,124 +371,209 @@ def cache_teacher(
         "compression": compression,
         "shards": [],
     }
+    writer = _ShardWriter(Path(path), settings, rank, world)
     started = time.perf_counter()
 
     def say(line: str) -> None:
-        if log is not None:
+        if log is not None and rank == 0:
             log(line)
 
-    def flush(buffer: _ShardBuffer) -> None:
-        _flush(folder, manifest, buffer)
-        say(
-            f"shard {len(manifest['shards'])}: {len(buffer)} examples written, "
-            f"{len(done)} seen ({time.perf_counter() - started:.1f} s)"
-        )
-
-    done: set[bytes] = set()
-    if (folder / MANIFEST).exists():
-        cache = TeacherCache(folder)
-        _check_same_settings(cache.manifest, manifest, folder)
-        manifest = cache.manifest
-        done = set(cache.index)
-        cache.close()
-        say(f"resuming {folder}: {len(done)} examples cached already")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_manifest(folder, manifest)
+    if writer.done:
+        say(f"resuming {writer.folder}: {len(writer.done)} examples cached already")
+    done = writer.done
     was_training = module.training
     module.eval()
     buffer = _ShardBuffer()
+
+    def flush() -> None:
+        writer.write(buffer)
+        say(
+            f"shard {len(writer.manifest['shards'])}: {len(buffer)} examples written, "
+            f"{len(done)} seen ({time.perf_counter() - started:.1f} s)"
+        )
+
     try:
         with torch.inference_mode():
-            for batch in data:
+            for number, batch in enumerate(data):
+                if split_data and number % world != rank:
+                    continue
                 args, kwargs, inputs, labels = split_batch(batch)
-                fingerprints = input_fingerprints(inputs)
-                todo = [i for i, f in enumerate(fingerprints) if f not in done]
-                if not todo:
+                mask = attended(inputs, kwargs.get("attention_mask"))
+                fingerprints = input_fingerprints(inputs, mask)
+                fresh = []
+                for i, fingerprint in enumerate(fingerprints):
+                    if fingerprint not in done:  # cached already, or twice in the batch
+                        done.add(fingerprint)
+                        fresh.append(i)
+                if not fresh:
                     continue
                 if device is not None:
                     args = tuple(_to(a, device) for a in args)
                     kwargs = {key: _to(value, device) for key, value in kwargs.items()}
                 logits = as_logits(module(*args, **kwargs), "teacher")
-                vocab = int(logits.shape[-1])
-                if manifest["vocab_size"] is None:
-                    manifest["vocab_size"], manifest["position_dims"] = vocab, logits.dim() - 2
-                elif manifest["vocab_size"] != vocab:
-                    raise TeacherCacheError(
-                        f"{folder}: the teacher's vocabulary is {vocab} here, "
-                        f"{manifest['vocab_size']} in earlier batches"
-                    )
-                if top_k > vocab:
-                    raise TeacherCacheError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
-                keep = kept_positions(logits, labels)
-                fresh = []
-                for i in todo:
-                    if fingerprints[i] not in done:  # not a duplicate within the data set
-                        done.add(fingerprints[i])
-                        fresh.append(i)
+                writer.check_vocabulary(logits, top_k)
+                keep = kept_positions(logits, labels, mask)
+                if len(fresh) < len(fingerprints):
+                    logits, keep = logits[fresh], keep[fresh]
+                    mask = mask[fresh] if mask is not None else None
                 # One top-k over all the batch's kept rows, then split by example.
-                chosen = keep[fresh].reshape(len(fresh), -1)
-                rows = logits[fresh].reshape(len(fresh), -1, vocab)[chosen]
+                chosen = keep.reshape(len(fresh), -1)
+                rows = logits.reshape(-1, logits.shape[-1])
+                if not bool(chosen.all()):
+                    rows = rows[chosen.reshape(-1)]
                 parts = sparse_distribution(rows, top_k, top_p, temperature)
                 counts = chosen.sum(-1).tolist()
                 split = [part.cpu().split(counts) for part in parts]
+                # A position is stored as its place among the example's attended tokens, so
+                # that the reader can put it back under any padding.
+                places = (mask.cumsum(-1) - 1) if mask is not None else None
                 for n, i in enumerate(fresh):
                     buffer.fingerprints.append(fingerprints[i])
                     buffer.counts.append(counts[n])
-                    buffer.positions.append(chosen[n].nonzero().squeeze(-1).cpu())
+                    kept = chosen[n].nonzero().squeeze(-1)
+                    kept = places[n][kept] if places is not None else kept
+                    buffer.positions.append(kept.cpu())
                     for store, part in zip(buffer.tensors(), split, strict=True):
                         store.append(part[n])
                     if len(buffer) == examples_per_shard:
-                        flush(buffer)
+                        flush()
                         buffer = _ShardBuffer()
         if len(buffer):
-            flush(buffer)
+            flush()
     finally:
         module.train(was_training)
-    return folder
+    merged = writer.finish()
+    if merged:
+        say(f"merged the shards of {world} ranks into {writer.folder / MANIFEST}")
+    return writer.folder
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
-def _check_same_settings(found: dict[str, Any], asked: dict[str, Any], folder: Path) -> None:
+class _ShardWriter:
+    """Where one process's shards go. In one process, ``shard-NNNNN.safetensors``, listed in
+    ``manifest.json`` as each is complete. Under ``torch.distributed``, rank R writes
+    ``shard-rankR-NNNNN.safetensors`` listed in ``manifest-rankR.json`` (so no rank writes
+    another's files, and each resumes from its own list); :meth:`finish` has rank 0 merge all
+    lists into ``manifest.json`` once every rank is done, so a reader only ever trusts one file
+    and sees the cache whole. ``done`` holds the fingerprints every listed shard holds."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any], rank: int, world: int) -> None:
+        self.folder, self.settings, self.rank, self.world = folder, settings, rank, world
+        self.name = MANIFEST if world == 1 else f"manifest-rank{rank}.json"
+        self.prefix = "shard-" if world == 1 else f"shard-rank{rank}-"
+        folder.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not (folder / MANIFEST).exists():
+            _write_manifest(folder, MANIFEST, settings)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 0's manifest.json exists: the others may read it
+        merged = self.merged()
+        own = json.loads(json.dumps(self.lists().get(self.name, settings)))
+        own["vocab_size"] = own["vocab_size"] or merged["vocab_size"]
+        own["position_dims"] = own["position_dims"] or merged["position_dims"]
+        self.manifest = own
+        cache = TeacherCache(folder, manifest=merged)
+        self.done: set[bytes] = set(cache.index)
+        cache.close()
+
+    def lists(self) -> dict[str, dict[str, Any]]:
+        """The folder's manifests (``manifest.json`` and the ranks'), checked against the
+        settings asked for, by file name."""
+        found = {}
+        for file in [self.folder / MANIFEST, *sorted(self.folder.glob("manifest-rank*.json"))]:
+            if file.exists():
+                manifest = read_manifest(self.folder, file.name)
+                _check_same_settings(manifest, self.settings, file)
+                found[file.name] = manifest
+        return found
+
+    def merged(self) -> dict[str, Any]:
+        """One manifest listing every shard of every list once."""
+        merged = json.loads(json.dumps(self.settings))
+        names: set[str] = set()
+        for file, manifest in self.lists().items():
+            for key in ("vocab_size", "position_dims"):
+                if merged[key] is None:
+                    merged[key] = manifest[key]
+                elif manifest[key] not in (None, merged[key]):
+                    raise TeacherCacheError(
+                        f"{self.folder / file}: {key} {manifest[key]}, but {merged[key]} in "
+                        "the folder's other manifests"
+                    )
+            fresh = [entry for entry in manifest["shards"] if entry["file"] not in names]
+            merged["shards"] += fresh
+            names.update(entry["file"] for entry in fresh)
+        return merged
+
+    def check_vocabulary(self, logits: torch.Tensor, top_k: int) -> None:
+        vocab = int(logits.shape[-1])
+        if self.manifest["vocab_size"] is None:
+            self.manifest["vocab_size"], self.manifest["position_dims"] = vocab, logits.dim() - 2
+        elif self.manifest["vocab_size"] != vocab:
+            raise TeacherCacheError(
+                f"{self.folder}: the teacher's vocabulary is {vocab} here, "
+                f"{self.manifest['vocab_size']} in earlier batches"
+            )
+        if top_k > vocab:
+            raise TeacherCacheError(f"top_k={top_k} exceeds the vocabulary size {vocab}")
+
+    def write(self, buffer: _ShardBuffer) -> None:
+        """Write ``buffer`` as the next shard, then list it (both atomically)."""
+        from safetensors.torch import save
+
+        manifest = self.manifest
+        codec = Codec(manifest["compression"], manifest["vocab_size"], manifest["top_k"])
+        counts = torch.tensor([0, *buffer.counts], dtype=torch.int64)
+        tensors = {
+            "fingerprints": torch.frombuffer(
+                bytearray(b"".join(buffer.fingerprints)), dtype=torch.uint8
+            ).reshape(-1, FINGERPRINT_BYTES),
+            "offsets": counts.cumsum(0),
+            "positions": torch.cat(buffer.positions).to(torch.int64),
+            **codec.encode(torch.cat(buffer.indices), torch.cat(buffer.values)),
+            "logsumexp": torch.cat(buffer.logsumexp),
+            "tail": torch.cat(buffer.tail),
+        }
+        name = f"{self.prefix}{len(manifest['shards']):05d}.safetensors"
+        with atomic_write(self.folder / name) as file:
+            file.write(save({key: t.contiguous() for key, t in tensors.items()}))
+        manifest["shards"].append(
+            {"file": name, "examples": len(buffer), "positions": int(counts.sum())}
+        )
+        _write_manifest(self.folder, self.name, manifest)
+
+    def finish(self) -> bool:
+        """Once every rank is done, rank 0 lists all shards in ``manifest.json``; whether
+        there were ranks' lists to merge."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        merging = self.rank == 0 and any(name != MANIFEST for name in self.lists())
+        if merging:
+            _write_manifest(self.folder, MANIFEST, self.merged())
+        if self.world > 1:
+            dist.barrier()  # no rank returns before the cache is whole
+        return merging
+
+
+def _check_same_settings(found: dict[str, Any], asked: dict[str, Any], file: Path) -> None:
     for key in ("top_k", "top_p", "temperature", "compression", "teacher"):
         if found.get(key) != asked[key]:
             raise TeacherCacheError(
-                f"{folder} holds a cache written with {key}={shown(found.get(key))}, not "
+                f"{file} lists a cache written with {key}={shown(found.get(key))}, not "
                 f"{shown(asked[key])}; resume with the same teacher and arguments, or use "
                 "another folder"
             )
 
 
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    with atomic_write(folder / MANIFEST) as file:
-        file.write(json.dumps(manifest, indent=1).encode())
-
-
-def _flush(folder: Path, manifest: dict[str, Any], buffer: _ShardBuffer) -> None:
-    from safetensors.torch import save
-
-    codec = Codec(manifest["compression"], manifest["vocab_size"], manifest["top_k"])
-    counts = torch.tensor([0, *buffer.counts], dtype=torch.int64)
-    tensors = {
-        "fingerprints": torch.tensor(
-            [list(f) for f in buffer.fingerprints], dtype=torch.uint8
-        ).reshape(-1, FINGERPRINT_BYTES),
-        "offsets": counts.cumsum(0),
-        "positions": torch.cat(buffer.positions).to(torch.int64),
-        **codec.encode(torch.cat(buffer.indices), torch.cat(buffer.values)),
-        "logsumexp": torch.cat(buffer.logsumexp),
-        "tail": torch.cat(buffer.tail),
-    }
-    name = f"shard-{len(manifest['shards']):05d}.safetensors"
+def _write_manifest(folder: Path, name: str, manifest: dict[str, Any]) -> None:
     with atomic_write(folder / name) as file:
-        file.write(save({key: t.contiguous() for key, t in tensors.items()}))
-    manifest["shards"].append(
-        {"file": name, "examples": len(buffer), "positions": int(counts.sum())}
-    )
-    _write_manifest(folder, manifest)
+        file.write(json.dumps(manifest, indent=1).encode())
 
 
 # ---- reading -----------------------------------------------------------------------------
@@ -446,9 +584,11 @@ class TeacherCache:
     fingerprints to their shard and row. Shards are memory-mapped (``safetensors.safe_open``)
     and read one example's rows at a time: a whole shard is never loaded."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, manifest: dict[str, Any] | None = None
+    ) -> None:
         self.folder = Path(path)
-        self.manifest = read_manifest(self.folder)
+        self.manifest = read_manifest(self.folder) if manifest is None else manifest
         self.vocab_size: int = self.manifest["vocab_size"] or 0
         self.top_k: int = self.manifest["top_k"]
         self.codec = Codec(self.manifest["compression"], self.vocab_size or 1, self.top_k)
@@ -526,11 +666,16 @@ class TeacherCache:
             )
         return positions, indices, values, lse, tail
 
-    def lookup(self, inputs: torch.Tensor) -> SparseTeacherOutput:
+    def lookup(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> SparseTeacherOutput:
         """The cached distribution of the examples ``inputs`` (one per row): positions shaped
         as the teacher's logits were without the vocabulary (``[B]`` for a classifier,
-        ``[B, S]`` for token ids ``[B, S]``), on the inputs' device."""
-        fingerprints = input_fingerprints(inputs)
+        ``[B, S]`` for token ids ``[B, S]``), on the inputs' device. With an
+        ``attention_mask``, each example's cached positions go to its attended tokens, in
+        order, wherever the padding put them."""
+        mask = attended(inputs, attention_mask)
+        fingerprints = input_fingerprints(inputs, mask)
         lead_shape = tuple(inputs.shape[: 1 + (self.manifest["position_dims"] or 0)])
         batch, per_example = len(fingerprints), math.prod(lead_shape[1:])
         k = self.top_k
@@ -544,18 +689,19 @@ class TeacherCache:
                 raise TeacherCacheError(
                     f"example {i} of the batch (input fingerprint {fingerprint.hex()}) is not "
                     f"in the teacher cache {self.folder} ({self.examples} examples): cache the "
-                    "data set you train on, padded the same way"
+                    "data set you train on"
                 )
             positions, idx, values, row_lse, row_tail = self.rows(fingerprint)
-            if (
-                positions.numel()
-                and not 0 <= int(positions.min()) <= int(positions.max()) < per_example
-            ):
+            places = mask[i].nonzero().squeeze(-1).cpu() if mask is not None else None
+            length = len(places) if places is not None else per_example
+            if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < length:
                 raise TeacherCacheError(
                     f"{self.folder}: cached positions {int(positions.min())} to "
-                    f"{int(positions.max())} of example {i} do not lie within its {per_example} "
-                    f"positions {tuple(lead_shape[1:])}"
+                    f"{int(positions.max())} of example {i} do not lie within its {length} "
+                    "positions" + (" (attended tokens)" if places is not None else "")
                 )
+            if places is not None:
+                positions = places[positions]
             indices[i, positions], logits[i, positions] = idx, values
             lse[i, positions], tail[i, positions] = row_lse, row_tail
             covered[i, positions] = True
@@ -571,15 +717,15 @@ class TeacherCache:
         ).to(inputs.device)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The checked manifest of the cache in ``folder``."""
+def read_manifest(folder: Path, name: str = MANIFEST) -> dict[str, Any]:
+    """The checked manifest ``name`` of the cache in ``folder``."""
     from kdcore._strict_json import DuplicateKeyError, no_duplicate_keys
 
-    file = folder / MANIFEST
+    file = folder / name
     try:
         manifest = json.loads(file.read_bytes(), object_pairs_hook=no_duplicate_keys)
     except FileNotFoundError:
-        raise TeacherCacheError(f"{folder} is not a teacher cache: {MANIFEST} is missing") from None
+        raise TeacherCacheError(f"{folder} is not a teacher cache: {name} is missing") from None
     except (ValueError, DuplicateKeyError, UnicodeDecodeError) as exc:
         raise TeacherCacheError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

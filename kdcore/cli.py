@@ -676,7 +676,8 @@ def _add_cache_teacher_command(subparsers: Any) -> None:
             "Offline distillation: run the teacher of CONFIG's first mode over the batches of "
             "its [train] data (one epoch, in the run's order) and write a teacher cache to "
             "OUTPUT (kd.cache_teacher). Rerun after a kill to resume after the last complete "
-            "shard. Then train with teacher_model = {name = 'cached', path = OUTPUT}."
+            "shard. Under torchrun each rank caches its share of the batches into shards of "
+            "its own. Then train with teacher_model = {name = 'cached', path = OUTPUT}."
         ),
     )
     parser.add_argument("config", help="the job file (.toml, .json, .yaml)")
@@ -695,6 +696,7 @@ def _run_cache_teacher(args: argparse.Namespace) -> int:
     from kdcore._errors import ConfigError
     from kdcore._teacher_cache import cache_summary, cache_teacher
     from kdcore.training import load_job
+    from kdcore.training.distributed import launch
     from kdcore.training.loop import epoch_batches
 
     _import_from_current_folder()
@@ -706,18 +708,20 @@ def _run_cache_teacher(args: argparse.Namespace) -> int:
         if not teachers:
             raise ConfigError("no mode names a teacher_model to cache")
         teacher = teachers[0][1]
-        cache_teacher(
-            teacher,
-            (x for x, _ in epoch_batches(config)),
-            args.output,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            compression=args.compression,
-            examples_per_shard=args.examples_per_shard,
-            log=print,
-        )
-    print("\n".join(cache_summary(args.output)["lines"]))
+        with launch(config.strategy, "cpu") as job:  # a process group under torchrun
+            cache_teacher(
+                teacher,
+                (x for x, _ in epoch_batches(config)),
+                args.output,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                temperature=args.temperature,
+                compression=args.compression,
+                examples_per_shard=args.examples_per_shard,
+                log=print,
+            )
+    if job.main:
+        print("\n".join(cache_summary(args.output)["lines"]))
     return 0
 
 

@@ -26,7 +26,7 @@ class CachedTeacher(nn.Module):
         self.cache = cache
 
     def forward(self, *args: Any, **kwargs: Any) -> SparseTeacherOutput:
-        return self.cache.lookup(model_inputs(args, kwargs))
+        return self.cache.lookup(model_inputs(args, kwargs), kwargs.get("attention_mask"))
 
     def extra_repr(self) -> str:
         return f"{str(self.cache.folder)!r}, {self.cache.examples} examples"

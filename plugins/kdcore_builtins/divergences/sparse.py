@@ -187,8 +187,8 @@ def sparse_divergence(
     if missing:
         raise ValueError(
             f"{what}: {missing} of the positions to distil are not in the teacher cache "
-            f"{teacher.source} (it skipped the positions whose shifted label was -100): pass "
-            "labels=kdcore.llm.shift_labels(labels)"
+            f"{teacher.source} (it skipped the padding and the positions whose shifted label "
+            "was -100): pass labels=kdcore.llm.shift_labels(labels)"
         )
     vocab = student.shape[-1]
     idx = teacher.indices.reshape(-1, cached_k)[:, :k]
