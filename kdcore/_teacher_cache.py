@@ -239,21 +239,22 @@ def sparse_distribution(
     b = logits.to(torch.float32) if logits.dtype != torch.float64 else logits
     if temperature != 1.0:
         b = b / temperature
-    lse = torch.logsumexp(b, -1)
-    top = b.topk(top_k, dim=-1).indices  # sorted: largest first
-    kept = b.gather(-1, top)
+    kept, top = b.topk(top_k, dim=-1)  # sorted: largest first
+    # torch.logsumexp(b) bit for bit, by its own steps (the row's max, the exponentials of the
+    # differences, their sum), online topk_kl's teacher log-sum-exp; the same exponentials
+    # without the kept entries give the tail's (within float32 rounding of online's), with no
+    # second pass over the row: the write's overhead is the teacher's top-k and one exp.
+    top_value = kept[:, :1]
+    exponentials = (b - top_value).exp_()
+    shift = top_value[:, 0].masked_fill(top_value[:, 0].abs() == math.inf, 0.0)
+    lse = exponentials.sum(-1).log_().add_(shift)
     if top_p is not None:  # keep the smallest prefix reaching top_p; pad with the first index
         probs = (kept - lse[:, None]).exp()
         dropped = probs.cumsum(-1) - probs >= top_p
         dropped[:, 0] = False  # the largest is always kept
         kept = kept.masked_fill(dropped, -math.inf)
         top = torch.where(dropped, top[:, :1], top)
-    # Online topk_kl's tail, logsumexp(b with the kept entries at -inf), bit for bit: the
-    # lowest finite value underflows to the same zeros, and CPU exp(-inf) is 3x slower. An
-    # empty tail comes out as that value: -inf again.
-    fill = torch.finfo(b.dtype).min
-    tail = torch.logsumexp(b.scatter(-1, top, fill), -1)
-    tail = tail.masked_fill_(tail <= fill, -math.inf)
+    tail = exponentials.scatter_(-1, top, 0.0).sum(-1).log_().add_(shift)  # empty: -inf
     return top, kept.float(), lse.float(), tail.float()
 
 
