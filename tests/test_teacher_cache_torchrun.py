@@ -26,6 +26,19 @@ loss = { name = "fitnet", student_width = 8, teacher_width = 24 }
 """
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` from the repository root."""
+    return subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", *args],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
 def write_job(folder: Path, name: str, cache: Path | None) -> Path:
     """tests/test_distributed.py's job with its logits criterion only, no loggers, and the
     teacher from ``cache`` when given."""
@@ -74,17 +87,7 @@ def test_two_gloo_ranks_train_from_a_cache_as_one_process(tmp_path: Path) -> Non
     modes, config = load_job(write_job(tmp_path, "single", cache))
     train(modes, config, log=None)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "kdcore", "distill"]
-    run = subprocess.run(
-        [*command, str(write_job(tmp_path, "ddp", cache))],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    run = torchrun("-m", "kdcore", "distill", str(write_job(tmp_path, "ddp", cache)))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     ddp = kd.restore(Net(), tmp_path / "ddp-out" / "student.safetensors").state_dict()
     single = kd.restore(Net(), tmp_path / "single-out" / "student.safetensors").state_dict()

@@ -5,10 +5,6 @@ killed mid-run resumes from its own complete shards."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,23 +16,9 @@ from kdcore.plugin import TeacherCache
 from kdcore.training import load_job
 from kdcore.training.loop import epoch_batches
 from tests.teacher_cache_ranks import data, teacher
-from tests.test_teacher_cache_torchrun import write_job
+from tests.test_teacher_cache_torchrun import torchrun, write_job
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
 
 
 def assert_same_answers(cache: Path, reference: Path, inputs: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from kdcore_transformers import KDTrainer  # noqa: E402
 
 from tests.conftest import tiny_llama_from_config  # noqa: E402
+from tests.test_transformers_plugin import arguments  # noqa: E402
 
 VOCAB, LENGTH, K = 128, 9, 16
 CRITERION = {"name": "topk_kl", "k": K, "tail_bucket": True, "temperature": 2.0}
@@ -44,25 +45,10 @@ def examples(n: int = 8) -> list[dict[str, torch.Tensor]]:
 
 
 def train(folder: Path, teacher: Any, student: Any, **overrides: Any) -> KDTrainer:
-    settings: dict[str, Any] = {
-        "output_dir": str(folder),
-        "max_steps": 3,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 0.5,
-        "optim": "sgd",
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 0.0,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "dataloader_pin_memory": False,
-        "seed": 3,
-    }
     resume = overrides.pop("resume_from_checkpoint", None)
     trainer = KDTrainer(
         model=student,
-        args=transformers.TrainingArguments(**{**settings, **overrides}),
+        args=arguments(folder, output_dir=str(folder), max_steps=3, seed=3, **overrides),
         kd_config={"teacher_model": teacher, "criterion": CRITERION},
         train_dataset=examples(),
     )
