@@ -477,6 +477,7 @@ class _ShardWriter:
         own["vocab_size"] = own["vocab_size"] or merged["vocab_size"]
         own["position_dims"] = own["position_dims"] or merged["position_dims"]
         self.manifest = own
+        self.taken = {entry["file"] for entry in merged["shards"]}  # never written over
         cache = TeacherCache(folder, manifest=merged)
         self.done: set[bytes] = set(cache.index)
         cache.close()
@@ -539,7 +540,10 @@ class _ShardWriter:
             "logsumexp": torch.cat(buffer.logsumexp),
             "tail": torch.cat(buffer.tail),
         }
-        name = f"{self.prefix}{len(manifest['shards']):05d}.safetensors"
+        number = len(manifest["shards"])
+        while (name := f"{self.prefix}{number:05d}.safetensors") in self.taken:
+            number += 1
+        self.taken.add(name)
         with atomic_write(self.folder / name) as file:
             file.write(save({key: t.contiguous() for key, t in tensors.items()}))
         manifest["shards"].append(
@@ -784,6 +788,17 @@ def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         f"  {len(manifest['shards'])} shards, {size} bytes"
         + (f", {per_position:.1f} bytes per position" if per_position else ""),
     ]
+    listed = {entry["file"] for entry in manifest["shards"]}
+    pending = [  # a distributed run under way, or killed before rank 0 merged the ranks' lists
+        file.name
+        for file in sorted(cache.folder.glob("manifest-rank*.json"))
+        if any(e["file"] not in listed for e in read_manifest(cache.folder, file.name)["shards"])
+    ]
+    if pending:
+        lines.append(
+            f"  not served yet: shards listed in {', '.join(pending)} only (a torchrun run under "
+            "way or killed; run it again to finish and merge)"
+        )
     return {
         "path": str(cache.folder),
         "manifest": manifest,
