@@ -445,7 +445,7 @@ def cache_teacher(
         module.train(was_training)
     merged = writer.finish()
     if merged:
-        say(f"merged the shards of {world} ranks into {writer.folder / MANIFEST}")
+        say(f"listed the ranks' shards in {writer.folder / MANIFEST}")
     return writer.folder
 
 
@@ -474,8 +474,8 @@ class _ShardWriter:
             dist.barrier()  # rank 0's manifest.json exists: the others may read it
         merged = self.merged()
         own = json.loads(json.dumps(self.lists().get(self.name, settings)))
-        own["vocab_size"] = own["vocab_size"] or merged["vocab_size"]
-        own["position_dims"] = own["position_dims"] or merged["position_dims"]
+        for key in ("vocab_size", "position_dims"):  # as written by any rank so far
+            own[key] = merged[key] if own[key] is None else own[key]
         self.manifest = own
         self.taken = {entry["file"] for entry in merged["shards"]}  # never written over
         cache = TeacherCache(folder, manifest=merged)
