@@ -19,6 +19,7 @@
 Nothing is asserted: read the figures.
 
     python benchmarks/teacher_cache.py [--vocab 8000] [--steps 4] [--write-repeats 4] [--cpu-time]
+                                       [--teacher 512x4]
 """
 
 from __future__ import annotations
@@ -146,9 +147,12 @@ def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return sorted(times)[len(times) // 2]
 
 
-def speed(root: Path, vocab: int, steps: int, write_repeats: int) -> None:
+def speed(
+    root: Path, vocab: int, steps: int, write_repeats: int, teacher_shape: tuple[int, int]
+) -> None:
     torch.manual_seed(0)
-    teacher = TinyLM(vocab, hidden=512, layers=4).eval()
+    hidden, layers = teacher_shape
+    teacher = TinyLM(vocab, hidden=hidden, layers=layers).eval()
     student = TinyLM(vocab, hidden=96, layers=1)
     ratio = parameters(teacher) / parameters(student)
     batches = [
@@ -185,11 +189,15 @@ def speed(root: Path, vocab: int, steps: int, write_repeats: int) -> None:
     forward_time, write_time = sorted(forward_times)[1], sorted(write_times)[1]
     fingerprint = timed(lambda: weights_fingerprint(teacher), 3)
     print(
-        f"\nwrite overhead (V = {vocab}, {len(written)} batches of 8 x 128): teacher forward "
+        f"\nwrite overhead (V = {vocab}, teacher hidden {hidden} x {layers} blocks, "
+        f"{parameters(teacher) / 1e6:.1f}M parameters, {len(written)} batches of 8 x 128): "
+        f"teacher forward "
         f"{forward_time:.2f} s, kd.cache_teacher {write_time:.2f} s: "
         f"+{100 * (write_time / forward_time - 1):.0f} % "
         f"(+{100 * ((write_time - fingerprint) / forward_time - 1):.0f} % without the "
-        f"{1000 * fingerprint:.0f} ms weights fingerprint, once per run)"
+        f"{1000 * fingerprint:.0f} ms weights fingerprint, once per run); "
+        f"{1e6 * (write_time - fingerprint - forward_time) / (len(written) * 8 * 128):.1f} us "
+        "per position"
     )
     kd.cache_teacher(teacher, batches, folder / "train", top_k=K)
     cached = folder / "train"
@@ -230,6 +238,12 @@ def main() -> None:
         "--write-repeats", type=int, default=4, help="the write run caches steps x this batches"
     )
     parser.add_argument(
+        "--teacher",
+        default="512x4",
+        help="the speed runs' teacher, HIDDENxBLOCKS: the write's extra work is per position and "
+        "vocabulary entry, so its share falls as the teacher's forward per position grows",
+    )
+    parser.add_argument(
         "--cpu-time",
         action="store_true",
         help="time the work (this process's CPU time, one thread), not the wall clock: steady "
@@ -243,7 +257,8 @@ def main() -> None:
     warnings.simplefilter("ignore", kd.NotRecordableWarning)  # the teacher instance is not data
     with tempfile.TemporaryDirectory() as tmp:
         sizes(Path(tmp), args.positions)
-        speed(Path(tmp), args.vocab, args.steps, args.write_repeats)
+        hidden, layers = (int(n) for n in args.teacher.split("x"))
+        speed(Path(tmp), args.vocab, args.steps, args.write_repeats, (hidden, layers))
 
 
 if __name__ == "__main__":
