@@ -3,8 +3,9 @@
 The text: English-like sentences from a small grammar with number agreement, also across an
 object relative clause ("the old dogs that a cat sees sleep ."), drawn with a fixed seed by the
 code below, so nothing is downloaded and the text's licence is this repository's. Words are the
-tokens. A teacher Llama (built from a config) learns the text from scratch; smaller students are
-then distilled from it with ``kdcore_transformers.KDTrainer`` for the same number of steps on
+tokens. A teacher Llama (built from a config) learns the text from scratch. Smaller students
+start, as in GKD, from a student trained on the text (a short off-policy warm-up, one per seed)
+and are then distilled with ``kdcore_transformers.KDTrainer`` for the same number of steps on
 the same prompts: off-policy (``on_policy_fraction=0``: the dataset's continuations) and
 on-policy (the student's own samples). Each student then completes held-out prompts at
 temperature 1, and the script reports, over the completion tokens:
@@ -12,7 +13,7 @@ temperature 1, and the script reports, over the completion tokens:
 - the reverse KL ``KL(student || teacher)`` per token, exact over the vocabulary, at each
   position of the student's own samples;
 - the teacher's mean log-likelihood per token of those samples (the teacher's figure on its own
-  samples is printed as the reference: minus its entropy per token);
+  samples is printed as the reference: an estimate of minus its entropy per token);
 - the share of samples that are grammatical sentences (the grammar is known here).
 
 Run: ``python examples/on_policy_demo.py`` (a few minutes on 2 CPU cores) or ``--quick`` (a few
@@ -387,18 +388,24 @@ def report(result: Result, settings: Settings) -> str:
         f"{settings.batch} sequences per student; {settings.prompts} held-out prompts",
         "",
         "| model | reverse KL to the teacher / token | teacher log-likelihood / token "
-        "| grammatical | training time (1 seed) |",
+        "| grammatical | time per seed |",
         "|---|---:|---:|---:|---:|",
         row(TEACHER, [result.teacher_samples], result.seconds[TEACHER]),
         *(row(n, f, result.seconds.get(n)) for n, f in result.students.items()),
     ]
     if len(settings.seeds) > 1:
-        lines += ["", "per seed (reverse KL, teacher log-likelihood):"]
+        lines += [
+            "",
+            "Per seed (reverse KL / teacher log-likelihood):",
+            "",
+            "| student | " + " | ".join(f"seed {seed}" for seed in settings.seeds) + " |",
+            "|---|" + "---|" * len(settings.seeds),
+        ]
         for name, figures in result.students.items():
-            values = ", ".join(
+            values = " | ".join(
                 f"{s.reverse_kl:.3f} / {s.teacher_log_likelihood:.3f}" for s in figures
             )
-            lines.append(f"  {name}: {values}")
+            lines.append(f"| {name} | {values} |")
     return "\n".join(lines)
 
 
