@@ -14,7 +14,7 @@ variant, the median of the per-round ratios, and where the time of a step goes (
 teacher forward, student forward + loss, backward, the rest: optimiser, data, callbacks),
 from timers around ``KDTrainer``'s methods and hooks on the teacher. Nothing is asserted.
 
-    python benchmarks/onpolicy.py [--hidden 64] [--batch 8] [--max-new-tokens 32] [--rounds 4]
+    python benchmarks/onpolicy.py [--hidden 64] [--batch 8] [--max-new-tokens 32] [--device cuda]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class TimedKDTrainer(KDTrainer):  # type: ignore[misc]
 
         class StepTimes(transformers.TrainerCallback):  # type: ignore[misc]
             def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                now = time.perf_counter()
+                now = trainer._now()
                 if "step" in trainer._started:
                     trainer.steps.append(now - trainer._started["step"])
                 else:
@@ -77,11 +77,16 @@ class TimedKDTrainer(KDTrainer):  # type: ignore[misc]
     def _teacher_done(self, *_: Any) -> None:  # returns None: the output stays the teacher's
         self._stop("teacher", "teacher forward")
 
+    def _now(self) -> float:
+        if self.args.device.type == "cuda":  # the kernels launched so far belong to the phase
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def _start(self, what: str) -> None:
-        self._started[what] = time.perf_counter()
+        self._started[what] = self._now()
 
     def _stop(self, what: str, phase: str) -> float:
-        elapsed = time.perf_counter() - self._started[what]
+        elapsed = self._now() - self._started[what]
         self.seconds[phase] += elapsed
         return elapsed
 
@@ -129,7 +134,7 @@ def run(options: argparse.Namespace, on_policy: bool, student: Any, teacher: Any
             save_strategy="no",
             logging_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=options.device == "cpu",
             disable_tqdm=True,
             dataloader_pin_memory=False,
         )
@@ -159,8 +164,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--criterion", default="reverse_kl")
     parser.add_argument("--steps", type=int, default=6, help="per run (the first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1, help="0: torch's default")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -171,7 +177,8 @@ def main() -> None:
         f"student {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters, teacher "
         f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M; batch {options.batch} x "
         f"({options.prompt} prompt + {options.max_new_tokens} new) tokens, vocabulary "
-        f"{options.vocab}, {options.criterion}, {torch.get_num_threads()} thread(s)"
+        f"{options.vocab}, {options.criterion}, {options.device}, "
+        f"{torch.get_num_threads()} thread(s)"
     )
     steps: dict[bool, list[float]] = {False: [], True: []}
     phases: dict[bool, dict[str, list[float]]] = {False: defaultdict(list), True: defaultdict(list)}
