@@ -34,10 +34,17 @@ def demo() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def quick_run(demo: ModuleType) -> tuple[Any, str]:
+    import transformers
+
+    threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
+    printed: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        printed: list[str] = []
         patch.setattr("builtins.print", lambda *args, **_: printed.append(" ".join(map(str, args))))
-        result = demo.main(["--quick"])
+        try:
+            result = demo.main(["--quick"])
+        finally:  # the script's process-wide settings, put back for the other tests
+            torch.set_num_threads(threads)
+            transformers.logging.set_verbosity(verbosity)
     return result, "\n".join(printed)
 
 
