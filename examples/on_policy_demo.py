@@ -126,7 +126,7 @@ def encode(words: Sequence[str]) -> list[int]:
 
 def decode(ids: Sequence[int]) -> list[str]:
     """The words of a sample, without <bos>; cut at <eos> (kept as the string '<eos>')."""
-    words = []
+    words: list[str] = []
     for i in ids:
         if i == EOS:
             return [*words, "<eos>"]
@@ -153,7 +153,9 @@ def llama(hidden: int, layers: int, seed: int) -> Any:
     return transformers.LlamaForCausalLM(config)
 
 
-def padded(rows: Sequence[Sequence[int]], width: int = LONGEST) -> tuple[torch.Tensor, ...]:
+def padded(
+    rows: Sequence[Sequence[int]], width: int = LONGEST
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask``: rows right-padded to ``width``."""
     ids = torch.full((len(rows), width), PAD)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
