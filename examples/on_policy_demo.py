@@ -213,22 +213,22 @@ STUDENTS = (
 
 
 def distil(
+    student: Any,
     teacher: Any,
     examples: list[dict[str, Any]],
     criterion: dict[str, Any],
     on_policy_fraction: float,
+    *,
+    steps: int,
+    batch: int,
     seed: int,
-    settings: Settings,
-    student: Any,
-    steps: int | None = None,
 ) -> Any:
-    """``student`` distilled by ``KDTrainer`` for ``steps`` (default: the warm-up's), Adam at a
-    constant learning rate; returned plain."""
+    """``student`` distilled by ``KDTrainer`` (Adam at a constant learning rate); returned plain."""
     with tempfile.TemporaryDirectory() as folder:
         args = transformers.TrainingArguments(
             folder,
-            max_steps=settings.warm_up_steps if steps is None else steps,
-            per_device_train_batch_size=settings.batch,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
             learning_rate=3e-3,
             lr_scheduler_type="constant",
             weight_decay=0.0,
@@ -354,7 +354,16 @@ def run(settings: Settings) -> Result:
         student = llama(settings.student_hidden, settings.student_layers, seed=100 + seed)
         if settings.warm_up_steps:
             examples = distillation_examples(text, seed + 1000)
-            student = distil(teacher, examples, WARM_UP, 0.0, seed + 1000, settings, student)
+            student = distil(
+                student,
+                teacher,
+                examples,
+                WARM_UP,
+                0.0,
+                steps=settings.warm_up_steps,
+                batch=settings.batch,
+                seed=seed + 1000,
+            )
         starts[seed] = student
     result.students[START] = [sample_and_score(s, teacher, prompts, n) for n, s in starts.items()]
     for name, criterion, fraction in STUDENTS:
@@ -362,14 +371,14 @@ def run(settings: Settings) -> Result:
         result.students[name] = []
         for seed in settings.seeds:
             student = distil(
+                copy.deepcopy(starts[seed]),
                 teacher,
                 distillation_examples(text, seed),
                 criterion,
                 fraction,
-                seed,
-                settings,
-                copy.deepcopy(starts[seed]),
                 steps=settings.student_steps,
+                batch=settings.batch,
+                seed=seed,
             )
             result.students[name].append(sample_and_score(student, teacher, prompts, seed))
         seconds[name] = (time.perf_counter() - start) / len(settings.seeds)
