@@ -3,12 +3,11 @@ both figures for every student and the teacher, and the figures are what they cl
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sys
+import runpy
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,17 +22,15 @@ SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "on_policy_demo.p
 
 
 @pytest.fixture(scope="module")
-def demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("on_policy_demo", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def demo() -> SimpleNamespace:
+    # run_path takes the script's module out of sys.modules again: Hypothesis draws constants
+    # from every local module it finds there, so a module left behind would change what the
+    # property tests that run later generate.
+    return SimpleNamespace(**runpy.run_path(str(SCRIPT), run_name="on_policy_demo"))
 
 
 @pytest.fixture(scope="module")
-def quick_run(demo: ModuleType) -> tuple[Any, str]:
+def quick_run(demo: SimpleNamespace) -> tuple[Any, str]:
     import transformers
 
     threads, verbosity = torch.get_num_threads(), transformers.logging.get_verbosity()
@@ -49,7 +46,7 @@ def quick_run(demo: ModuleType) -> tuple[Any, str]:
 
 
 def test_quick_run_prints_both_figures_for_every_student_and_the_teacher(
-    demo: ModuleType, quick_run: tuple[Any, str]
+    demo: SimpleNamespace, quick_run: tuple[Any, str]
 ) -> None:
     result, printed = quick_run
     names = [demo.TEACHER, demo.START, *(name for name, _, _ in demo.STUDENTS)]
@@ -77,7 +74,7 @@ def test_the_teacher_figure_is_its_log_likelihood_of_its_own_samples(
 
 
 def test_a_students_reverse_kl_is_kdcores_reverse_kl_on_its_own_samples(
-    demo: ModuleType, quick_run: tuple[Any, str]
+    demo: SimpleNamespace, quick_run: tuple[Any, str]
 ) -> None:
     result, _ = quick_run
     samples = result.students["on-policy reverse_kl"][0]
@@ -90,7 +87,7 @@ def test_a_students_reverse_kl_is_kdcores_reverse_kl_on_its_own_samples(
     assert (samples.batch["labels"][:, 0] == -100).all()  # scored on the completions only
 
 
-def test_the_text_is_the_grammars_and_agreement_errors_are_not(demo: ModuleType) -> None:
+def test_the_text_is_the_grammars_and_agreement_errors_are_not(demo: SimpleNamespace) -> None:
     rng = random.Random(0)
     assert all(demo.is_sentence(demo.sentence(rng)) for _ in range(500))
 
