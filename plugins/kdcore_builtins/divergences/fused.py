@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ from kdcore_builtins.divergences.masks import (
     kept_count,
     kept_rows,
     reduce_rows,
-    reduction_denominator,
 )
 
 #: Elements of logits per chunk (larger than the unfused losses', for efficient matrix products).
@@ -50,20 +49,24 @@ FUSED_CHUNK_ELEMENTS = 1 << 23
 
 
 #: No gradient for the inputs of :class:`_FusedLinearLosses` after the student's bias (the
-#: teacher's bias, rows, targets, spec, eager).
+#: teacher's bias, rows, targets, spec, teacher_gathered).
 _CONSTANT_INPUTS = (None,) * 5
 
 
 class _FusedLinearLosses(torch.autograd.Function):
-    """From one pass over chunks of rows of ``hs @ ws.T + bs``: the divergence from
-    ``ht @ wt.T + bt`` (when ``spec.kernel`` is set) and the cross-entropy with ``targets`` (when
-    given); the two share each chunk's student logits. Returns ``(divergence, cross-entropy)``
-    (an unused one is a zero).
+    """Per kept row: the divergence of ``hs @ ws.T + bs`` from ``ht @ wt.T + bt`` (when
+    ``spec.kernel`` is set) and the cross-entropy with ``targets`` (when given), from one pass
+    over chunks of rows; the two share each chunk's student logits. An unused loss comes back
+    empty.
 
-    With ``eager`` (scalar reductions follow) both outputs are sums over the rows and forward
-    also computes each loss's gradients for the student's hidden states, weight and bias (one
-    ``[N, H]``, one ``[V, H]`` and one ``[V]`` tensor a loss), which backward scales and adds;
-    otherwise (per-row divergence, no cross-entropy) backward recomputes each chunk's logits.
+    Forward keeps its inputs (references) and up to three floats a row (log-sum-exps); backward
+    recomputes each chunk's logits, combines the two losses' logit gradients with their incoming
+    weights, and makes one product with the head for the hidden states and one for the weight
+    (and bias). Nothing the size of the vocabulary outlives a chunk, so the activation memory is
+    flat in the vocabulary. (Computing each loss's weight gradient in forward saves the two
+    recomputed logit products but keeps a float32 ``[V, H]`` buffer a loss from forward to
+    backward, until the losses' weights are known: 1.9x this path's activations at 128k.)
+    ``teacher_gathered`` is a context in which ``wt`` is whole again in backward (FSDP2).
     """
 
     @staticmethod
@@ -78,113 +81,115 @@ class _FusedLinearLosses(torch.autograd.Function):
         rows: torch.Tensor | None,
         targets: torch.Tensor | None,
         spec: ChunkSpec,
-        eager: bool,
+        teacher_gathered: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.spec, ctx.eager = spec, eager
-        need = ctx.needs_input_grad
-        want_grad = eager and (need[0] or need[2] or (bs is not None and need[4]))
+        ctx.set_materialize_grads(False)  # an unused loss gets None: no gradient to compute
+        ctx.spec, ctx.teacher_gathered = spec, teacher_gathered
         count = kept_count(rows, hs)
-        zero = hs.new_zeros((), dtype=spec.dtype)
-        divergences = torch.empty(count, dtype=spec.dtype, device=hs.device)
-        entropies = torch.empty(count, dtype=spec.dtype, device=hs.device)
-        kd_grads = _FusedGrads(hs, ws, bs, rows, need, count) if want_grad and spec.kernel else None
-        ce_grads = (
-            _FusedGrads(hs, ws, bs, rows, need, count)
-            if want_grad and targets is not None
-            else None
-        )
-        # The cross-entropy is over all the student's columns, the divergence over the aligned ones.
-        columns = ws.shape[0] if targets is not None else spec.width
-        hs_rows, ht_rows = Rows(hs), None if ht is None else Rows(ht)
-        for start in range(0, count, spec.chunk_rows):
-            stop = min(start + spec.chunk_rows, count)
-            hs_chunk = hs_rows.take(rows, start, stop)
-            s = F.linear(hs_chunk, ws[:columns], None if bs is None else bs[:columns])
+        divergences = hs.new_empty(count if spec.kernel else 0, dtype=spec.dtype)
+        entropies = hs.new_empty(count if targets is not None else 0, dtype=spec.dtype)
+        stats = hs.new_empty((3, count), dtype=spec.dtype)  # log-sum-exps: a, b, cross-entropy
+        chunks = _Chunks(spec, hs, ht, ws, wt, bs, bt, rows, cross_entropy=targets is not None)
+        for start, stop, _, student in chunks:
             if spec.kernel is not None:
-                assert ht_rows is not None and wt is not None
-                a, b = _scaled_pair(
-                    spec, s, ht_rows, wt, bt, rows, start, stop, keep_student=targets is not None
-                )
+                a, b = chunks.scaled_pair(student, start, stop)
                 A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-                loss, g = run_kernel(spec, a, b, A, B, True, kd_grads is not None)
+                stats[0, start:stop], stats[1, start:stop] = A, B
+                loss, _ = run_kernel(spec, a, b, A, B, True, False)
                 assert loss is not None
                 divergences[start:stop] = loss
-                if kd_grads is not None:
-                    assert g is not None
-                    kd_grads.add(hs_chunk, g.div_(spec.temperature), start, stop)
             if targets is not None:
-                entropies[start:stop], g = _cross_entropy_chunk(
-                    s.to(spec.dtype), targets[start:stop], ce_grads is not None
-                )
-                if ce_grads is not None:
-                    assert g is not None
-                    ce_grads.add(hs_chunk, g, start, stop)
-        if eager:
-            # Saved (not kept on ctx) so that autograd frees them after a backward without
-            # retain_graph, keeps them for one with it, and reports a second backward as usual.
-            ctx.saved_kinds = (kd_grads is not None, ce_grads is not None)
-            finished = [grads.finish() for grads in (kd_grads, ce_grads) if grads is not None]
-            ctx.save_for_backward(*(t for grads in finished for t in grads))
-            kd_sum = divergences.sum() if spec.kernel is not None else zero
-            return kd_sum, entropies.sum() if targets is not None else zero
-        ctx.save_for_backward(hs, ht, ws, wt, bs, bt, rows)
-        return divergences, zero
+                logits = student.to(spec.dtype)
+                lse = torch.logsumexp(logits, -1)
+                stats[2, start:stop] = lse
+                chosen = logits.gather(1, targets[start:stop, None]).squeeze(1)
+                entropies[start:stop] = lse - chosen
+        ctx.save_for_backward(hs, ht, ws, wt, bs, bt, rows, targets, stats)
+        return divergences, entropies
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_kd: torch.Tensor, grad_ce: torch.Tensor) -> Any:
+    def backward(ctx: Any, grad_kd: torch.Tensor | None, grad_ce: torch.Tensor | None) -> Any:
         spec: ChunkSpec = ctx.spec
-        if ctx.eager:
-            saved = list(ctx.saved_tensors)
-            total: list[torch.Tensor | None] = [None, None, None]
-            for present, weight in zip(ctx.saved_kinds, (grad_kd, grad_ce), strict=True):
-                if not present:
-                    continue
-                grads, saved = saved[:3], saved[3:]
-                for i, g in enumerate(grads):
-                    if g is None:
-                        continue
-                    # One new tensor per gradient: the saved ones stay as they are (retain_graph).
-                    done = total[i]
-                    weight_g = weight.to(g.dtype)
-                    total[i] = g * weight_g if done is None else done.addcmul_(g, weight_g)
-            return total[0], None, total[1], None, total[2], *_CONSTANT_INPUTS
-        hs, ht, ws, wt, bs, bt, rows = ctx.saved_tensors
-        count = kept_count(rows, hs)
-        accumulate = _FusedGrads(hs, ws, bs, rows, ctx.needs_input_grad, count)
-        hs_rows, ht_rows = Rows(hs), Rows(ht)
-        weights = grad_kd / spec.temperature
-        for start in range(0, count, spec.chunk_rows):
-            stop = min(start + spec.chunk_rows, count)
-            hs_chunk = hs_rows.take(rows, start, stop)
-            s = F.linear(hs_chunk, ws[: spec.width], None if bs is None else bs[: spec.width])
-            a, b = _scaled_pair(spec, s, ht_rows, wt, bt, rows, start, stop, keep_student=False)
-            A, B = torch.logsumexp(a, -1), torch.logsumexp(b, -1)
-            _, g = run_kernel(spec, a, b, A, B, False, True)
-            assert g is not None
-            accumulate.add(hs_chunk, g.mul_(weights[start:stop, None]), start, stop)
-        grad_hs, grad_ws, grad_bs = accumulate.finish()
+        hs, ht, ws, wt, bs, bt, rows, targets, stats = ctx.saved_tensors
+        divergence = spec.kernel is not None and grad_kd is not None
+        cross_entropy = targets is not None and grad_ce is not None
+        grads = _FusedGrads(hs, ws, bs, rows, ctx.needs_input_grad, kept_count(rows, hs))
+        with ctx.teacher_gathered() if divergence else contextlib.nullcontext():
+            chunks = _Chunks(spec, hs, ht, ws, wt, bs, bt, rows, cross_entropy=cross_entropy)
+            for start, stop, hs_chunk, student in chunks:
+                g = None
+                if divergence:
+                    assert grad_kd is not None
+                    a, b = chunks.scaled_pair(student, start, stop)
+                    A, B = stats[0, start:stop], stats[1, start:stop]
+                    _, g = run_kernel(spec, a, b, A, B, False, True)
+                    assert g is not None
+                    g.mul_((grad_kd[start:stop] / spec.temperature)[:, None])
+                if cross_entropy:
+                    assert grad_ce is not None and targets is not None
+                    # softmax(z) - onehot(target), in the chunk's logits (read for the last time)
+                    logits = student.to(spec.dtype)
+                    g_ce = logits.sub_(stats[2, start:stop, None]).exp_()
+                    g_ce.scatter_add_(
+                        1, targets[start:stop, None], g_ce.new_full((stop - start, 1), -1.0)
+                    )
+                    g_ce.mul_(grad_ce[start:stop, None])
+                    if g is not None:
+                        g_ce[:, : g.shape[1]].add_(g)
+                    g = g_ce
+                if g is not None:
+                    grads.add(hs_chunk, g, start, stop)
+        grad_hs, grad_ws, grad_bs = grads.finish()
         return grad_hs, None, grad_ws, None, grad_bs, *_CONSTANT_INPUTS
 
 
-def _scaled_pair(
-    spec: ChunkSpec,
-    student: torch.Tensor,
-    ht_rows: Rows,
-    wt: torch.Tensor,
-    bt: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    start: int,
-    stop: int,
-    keep_student: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk's scaled student logits and the teacher's, aligned (``spec.width`` columns).
+class _Chunks:
+    """The chunks of rows of the fused losses: ``(start, stop, hidden states, student logits)``
+    for each; the student's logits cover all its columns when the cross-entropy reads them, else
+    the ``spec.width`` the divergence compares."""
 
-    ``student`` is scaled in place unless ``keep_student`` (the cross-entropy reads it after)."""
-    tw = spec.teacher_width
-    teacher = F.linear(ht_rows.take(rows, start, stop), wt[:tw], None if bt is None else bt[:tw])
-    a = spec.scaled(student, spec.width) if keep_student else _scaled_in_place(spec, student)
-    return a, _scaled_in_place(spec, teacher)
+    def __init__(
+        self,
+        spec: ChunkSpec,
+        hs: torch.Tensor,
+        ht: torch.Tensor | None,
+        ws: torch.Tensor,
+        wt: torch.Tensor | None,
+        bs: torch.Tensor | None,
+        bt: torch.Tensor | None,
+        rows: torch.Tensor | None,
+        cross_entropy: bool,
+    ) -> None:
+        self.spec, self.rows, self.count = spec, rows, kept_count(rows, hs)
+        self.cross_entropy = cross_entropy
+        columns = ws.shape[0] if cross_entropy else spec.width
+        self.ws, self.bs = ws[:columns], None if bs is None else bs[:columns]
+        tw = spec.teacher_width
+        self.wt = None if wt is None else wt[:tw]
+        self.bt = None if bt is None else bt[:tw]
+        self.hs_rows, self.ht_rows = Rows(hs), None if ht is None else Rows(ht)
+
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.count, self.spec.chunk_rows):
+            stop = min(start + self.spec.chunk_rows, self.count)
+            hs_chunk = self.hs_rows.take(self.rows, start, stop)
+            yield start, stop, hs_chunk, F.linear(hs_chunk, self.ws, self.bs)
+
+    def scaled_pair(
+        self, student: torch.Tensor, start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's scaled student logits and the teacher's, aligned (``spec.width``
+        columns); ``student`` is scaled in place unless the cross-entropy reads it after."""
+        assert self.ht_rows is not None and self.wt is not None
+        spec = self.spec
+        teacher = F.linear(self.ht_rows.take(self.rows, start, stop), self.wt, self.bt)
+        a = (
+            spec.scaled(student, spec.width)
+            if self.cross_entropy
+            else _scaled_in_place(spec, student)
+        )
+        return a, _scaled_in_place(spec, teacher)
 
 
 def _scaled_in_place(spec: ChunkSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -193,20 +198,6 @@ def _scaled_in_place(spec: ChunkSpec, logits: torch.Tensor) -> torch.Tensor:
     if logits.dtype != spec.dtype or logits.shape[1] != spec.width:
         return spec.scaled(logits, min(logits.shape[1], spec.width))
     return logits.div_(spec.temperature) if spec.temperature != 1.0 else logits
-
-
-def _cross_entropy_chunk(
-    logits: torch.Tensor, targets: torch.Tensor, want_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each row's ``logsumexp(z) - z[target]`` and, with ``want_grad``, its gradient
-    ``softmax(z) - onehot(target)`` (computed in ``logits``' storage when it is a copy)."""
-    lse = torch.logsumexp(logits, -1)
-    losses = lse - logits.gather(1, targets[:, None]).squeeze(1)
-    if not want_grad:
-        return losses, None
-    g = logits.sub_(lse[:, None]).exp_()
-    g.scatter_add_(1, targets[:, None], g.new_full((g.shape[0], 1), -1.0))
-    return losses, g
 
 
 class _FusedGrads:
@@ -379,6 +370,9 @@ def _fused(
     num_items_in_batch: Any,
     chunk_size: int | None,
     cross_entropy: bool = False,
+    teacher_gathered: Callable[
+        [], contextlib.AbstractContextManager[None]
+    ] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(the divergence, when ``kernel`` is set; the student's cross-entropy with ``labels``,
     when ``cross_entropy``), from one pass over the chunks. The cross-entropy is the sum over
@@ -411,8 +405,7 @@ def _fused(
     dtype = compute_dtype(*(t for t in (hs, ht, ws, wt) if t is not None))
     chunk = chunk_size or rows_per_chunk(ws.shape[0], FUSED_CHUNK_ELEMENTS)
     spec = ChunkSpec(kernel, temperature, width, teacher_width, chunk, dtype)
-    eager = reduction != "none"
-    if cross_entropy and not eager:
+    if cross_entropy and reduction == "none":
         raise ValueError(
             f"{what}: the student's cross-entropy needs a scalar reduction, not 'none'"
         )
@@ -426,31 +419,24 @@ def _fused(
         rows,
         targets,
         spec,
-        eager,
+        teacher_gathered,
     )
     kept = kept_count(rows, hs)
     if cross_entropy:
-        ce = ce / (1.0 if reduction == "sum" else (num_items or float(max(kept, 1))))
+        ce = ce.sum() / (1.0 if reduction == "sum" else (num_items or float(max(kept, 1))))
     if kernel is None:
         return None, ce if cross_entropy else None
-    if eager:
-        first_dim = hs.shape[0] if hs.dim() > 1 else 1
-        denominator = reduction_denominator(
-            reduction, labels is not None, kept, first_dim, width, num_items
-        )
-        kd = kd * (temperature**2 / denominator)
-    else:
-        kd = reduce_rows(
-            kd,
-            reduction=reduction,
-            rows=rows,
-            labelled=labels is not None,
-            positions_shape=positions_shape,
-            first_dim=hs.shape[0],
-            classes=width,
-            num_items=num_items,
-            scale=temperature**2,
-        )
+    kd = reduce_rows(
+        kd,
+        reduction=reduction,
+        rows=rows,
+        labelled=labels is not None,
+        positions_shape=positions_shape,
+        first_dim=hs.shape[0] if hs.dim() > 1 else 1,
+        classes=width,
+        num_items=num_items,
+        scale=temperature**2,
+    )
     return kd, ce if cross_entropy else None
 
 
@@ -545,9 +531,10 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
     arXiv 2410.10989).
 
     Positions are processed in chunks (``chunk_size`` positions; default about 8M logits per
-    chunk): each chunk's student and teacher logits are computed, then the divergence and its
-    gradients with respect to the student's hidden states, lm-head weight and bias, which are
-    accumulated. ``divergence`` is one of ``forward_kl``, ``reverse_kl``, ``jsd`` (``beta``),
+    chunk): forward computes each chunk's student and teacher logits and the divergence;
+    backward computes them again, and the gradients with respect to the student's hidden
+    states, lm-head weight and bias, which are accumulated (nothing the size of the vocabulary
+    is kept from forward to backward). ``divergence`` is one of ``forward_kl``, ``reverse_kl``, ``jsd`` (``beta``),
     ``skew_kl``, ``skew_reverse_kl`` (``alpha``), ``tvd``, ``topk_kl`` (``k``, ``tail_bucket``),
     with the values, reductions, ``labels``/``ignore_index`` masks, ``num_items_in_batch`` and
     ``vocab_alignment`` of the unfused losses (see :mod:`kdcore_builtins.divergences`).
@@ -576,8 +563,9 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
     labels=None, num_items_in_batch=None, lm_heads=None)``; ``lm_heads=(student_head,
     teacher_head)`` overrides the bound heads. :meth:`student_cross_entropy` gives the student's
     own loss from the same pass. A head that FSDP2 shards as its own unit is gathered for the
-    loss and released after (the teacher's at once, the student's by FSDP's post-backward);
-    heads in the root unit are whole after the forward anyway. DeepSpeed ZeRO-3 is not handled.
+    loss and released after (the teacher's at once, and again for backward, which recomputes each
+    chunk's logits; the student's by FSDP's post-backward); heads in the root unit are whole
+    after the forward anyway. DeepSpeed ZeRO-3 is not handled.
     """
 
     def __init__(
@@ -694,6 +682,7 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.chunk_size,
                 cross_entropy=cross_entropy,
+                teacher_gathered=lambda: _gathered(teacher_head),
             )
 
     def forward(
