@@ -16,8 +16,8 @@ blocks go back to the kernel at once, so the resident set follows the live tenso
 warm-up step, the parameters' gradients are set to None (as ``Trainer``'s ``zero_grad`` does) and
 the measured step runs from the models and the batch alone. Two figures: the *raw peak* (``VmHWM``
 after resetting it, minus the resident set before the step) and the *activations*: the raw peak
-minus the parameters' gradients the step leaves (model state, parameter-sized in every path; the
-step's backward makes them, the head's and the embedding's ``[vocab, hidden]`` among them). Then
+minus the parameters' gradients that exist at the peak (model state, parameter-sized in every
+path, the head's ``[vocab, hidden]`` among them; see ``_GradientsAtPeak``). Then
 the median time of ``--repeats`` steps. Variants alternate over ``--rounds`` (medians over
 rounds). The losses of the two variants are printed side by side (float32; they agree to
 rounding).
@@ -99,7 +99,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, spec["vocab"], (spec["batch"], spec["length"]), generator=generator)
     labels = llm.shift_labels(ids)
 
-    def step() -> float:
+    def step(gradients: _GradientsAtPeak | None = None) -> float:
         if fused:
             model(input_ids=ids, logits_to_keep=1)
             state = model.kd_state
@@ -112,16 +112,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
             )
         loss = model.compute_kd_loss(student_loss=student_loss, labels=labels)
+        if gradients is not None:
+            gradients.mark()  # the forward's peak, no gradient yet
         loss.backward()
+        if gradients is not None:
+            gradients.mark()
         return float(loss.detach())
 
     step()  # warm-up
     model.zero_grad(set_to_none=True)
+    gradients = _GradientsAtPeak(model.parameters())
     _reset_peak()
     baseline = _rss_bytes()
-    loss = step()
+    loss = step(gradients)
+    gradients.remove()
     peak = _peak_rss_bytes() - baseline
-    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
     times = []
     for _ in range(spec["repeats"]):
         model.zero_grad(set_to_none=True)
@@ -130,10 +135,39 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     return {
         "peak": peak,
-        "activations": peak - gradients,
+        "activations": peak - gradients.at_peak,
         "loss": loss,
         "time": statistics.median(times) if times else None,
     }
+
+
+class _GradientsAtPeak:
+    """The bytes of the parameters' gradients that exist when the resident set peaks.
+
+    ``VmHWM`` is read after the forward, after each parameter's gradient is accumulated, and
+    after backward; the peak lies in the last stretch where it rose, when at most the gradients
+    accumulated by that stretch's end exist (the one accumulated at its end was made in it)."""
+
+    def __init__(self, parameters: Any) -> None:
+        self.existing = self.at_peak = self.high = 0
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._accumulated)
+            for p in parameters
+            if p.requires_grad
+        ]
+
+    def _accumulated(self, parameter: Any) -> None:
+        self.existing += parameter.grad.nbytes
+        self.mark()
+
+    def mark(self) -> None:
+        high = _peak_rss_bytes()
+        if high > self.high:
+            self.high, self.at_peak = high, self.existing
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
