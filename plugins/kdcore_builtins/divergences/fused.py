@@ -65,7 +65,8 @@ class _FusedLinearLosses(torch.autograd.Function):
     (and bias). Nothing the size of the vocabulary outlives a chunk, so the activation memory is
     flat in the vocabulary. (Computing each loss's weight gradient in forward saves the two
     recomputed logit products but keeps a float32 ``[V, H]`` buffer a loss from forward to
-    backward, until the losses' weights are known: 1.9x this path's activations at 128k.)
+    backward, until the losses' weights are known: 1.6x this path's activations in
+    ``benchmarks/llm_end_to_end.py`` at a 128k vocabulary, growing with it.)
     ``teacher_gathered`` is a context in which ``wt`` is whole again in backward (FSDP2).
     """
 
@@ -534,10 +535,11 @@ class FusedLogitsLoss(nn.Module, SharedArguments):
     chunk): forward computes each chunk's student and teacher logits and the divergence;
     backward computes them again, and the gradients with respect to the student's hidden
     states, lm-head weight and bias, which are accumulated (nothing the size of the vocabulary
-    is kept from forward to backward). ``divergence`` is one of ``forward_kl``, ``reverse_kl``, ``jsd`` (``beta``),
-    ``skew_kl``, ``skew_reverse_kl`` (``alpha``), ``tvd``, ``topk_kl`` (``k``, ``tail_bucket``),
-    with the values, reductions, ``labels``/``ignore_index`` masks, ``num_items_in_batch`` and
-    ``vocab_alignment`` of the unfused losses (see :mod:`kdcore_builtins.divergences`).
+    is kept from forward to backward). ``divergence`` is one of ``forward_kl``, ``reverse_kl``,
+    ``jsd`` (``beta``), ``skew_kl``, ``skew_reverse_kl`` (``alpha``), ``tvd``, ``topk_kl`` (``k``,
+    ``tail_bucket``), with the values, reductions, ``labels``/``ignore_index`` masks,
+    ``num_items_in_batch`` and ``vocab_alignment`` of the unfused losses (see
+    :mod:`kdcore_builtins.divergences`).
 
     In kdcore, pair the layers whose outputs are the final hidden states (``"model.norm"`` in
     Hugging Face Llama-style models, ``"transformer.ln_f"`` in GPT-2) and name the lm heads
