@@ -87,7 +87,7 @@ class _FusedLinearLosses(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused loss gets None: no gradient to compute
         ctx.spec, ctx.teacher_gathered = spec, teacher_gathered
         count = kept_count(rows, hs)
-        divergences = hs.new_empty(count if spec.kernel else 0, dtype=spec.dtype)
+        divergences = hs.new_empty(count if spec.kernel is not None else 0, dtype=spec.dtype)
         entropies = hs.new_empty(count if targets is not None else 0, dtype=spec.dtype)
         stats = hs.new_empty((3, count), dtype=spec.dtype)  # log-sum-exps: a, b, cross-entropy
         chunks = _Chunks(spec, hs, ht, ws, wt, bs, bt, rows, cross_entropy=targets is not None)
