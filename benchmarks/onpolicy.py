@@ -144,7 +144,7 @@ def run(options: argparse.Namespace, on_policy: bool, student: Any, teacher: Any
             kd_config={"teacher_model": teacher, "criterion": {"name": options.criterion}},
             train_dataset=examples,
             on_policy_fraction=1.0 if on_policy else 0.0,
-            max_new_tokens=options.max_new_tokens,
+            max_new_tokens=options.max_new_tokens if on_policy else None,
         )
         trainer.remove_callback(transformers.PrinterCallback)
         trainer.train()

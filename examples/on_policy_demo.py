@@ -246,7 +246,7 @@ def distil(
             kd_config={"teacher_model": teacher, "criterion": criterion},
             train_dataset=examples,
             on_policy_fraction=on_policy_fraction,
-            max_new_tokens=LONGEST - 2,
+            max_new_tokens=LONGEST - 2 if on_policy_fraction else None,
             generation_temperature=1.0,
             top_p=1.0,
         )

@@ -40,18 +40,21 @@ their sum by ``num_items_in_batch``; normalise the student's cross-entropy the s
 num_items_in_batch=n)`` of ``kdcore_builtins.divergences``, which never holds the logits).
 
 On-policy batches. :func:`generate_completions` samples completions from a model (the student,
-for on-policy distillation) and returns a batch whose ``labels`` cover the generated tokens
-only, ready for the same loss as a fixed-text batch.
+for on-policy distillation, also when given the model ``kd.convert`` made) and returns a batch
+whose ``labels`` cover the generated tokens only, ready for the same loss as a fixed-text batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 from kdcore._errors import ConfigError
+from kdcore._model import is_distillation_model
 from kdcore.validation import (
     IGNORE_INDEX,
     check_labels,
@@ -194,7 +197,9 @@ def generate_completions(
     ``prompt_ids`` is ``[B, P]`` with ``attention_mask`` 0 on padding (on either side; ``None``:
     no padding). ``model`` is a causal LM (a Hugging Face ``*ForCausalLM``) taking
     ``input_ids``, ``attention_mask``, ``position_ids``, ``use_cache`` and ``cache`` (or
-    ``past_key_values``), and returning ``logits`` and the cache under the same name. It
+    ``past_key_values``), and returning ``logits`` and the cache under the same name; or a
+    model ``kd.convert`` made, whose student then samples alone (its teacher does not run),
+    unless inside ``model.only_teacher_forward()``, where the teacher samples. It
     samples in eval mode without gradients, with its KV cache, and is put back in the mode it
     was in. Each new token is drawn from ``softmax(logits / temperature)`` restricted to its
     top-``top_p`` nucleus, with ``generator`` (seed it for reproducible batches); a row stops at
@@ -214,9 +219,12 @@ def generate_completions(
 
     ::
 
-        batch = llm.generate_completions(student, prompts, mask, max_new_tokens=64,
-                                         eos_token_id=tok.eos_token_id,
+        model = kd.convert(student, [("kd_loss", kd_config)])
+        batch = llm.generate_completions(model, prompts, mask, max_new_tokens=64,
+                                         eos_token_id=tokenizer.eos_token_id,
                                          generator=torch.Generator().manual_seed(step))
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = model.compute_kd_loss(labels=llm.shift_labels(batch["labels"]))
     """
     max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
     temperature = check_temperature(temperature)
@@ -247,13 +255,14 @@ def generate_completions(
     finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     eos_ids = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
     tokens, kept = [], []
+    sampler, side = _sampling_side(model)
     # transformers 5 renamed ``past_key_values`` to ``cache``
-    parameters = inspect.signature(model.forward).parameters
+    parameters = inspect.signature(sampler.forward).parameters
     cache_name = "cache" if "cache" in parameters else "past_key_values"
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), side:
             inputs = {"input_ids": ids, "position_ids": positions}
             cache = None
             for _ in range(max_new_tokens):
@@ -283,6 +292,19 @@ def generate_completions(
     input_ids = all_ids.gather(1, right)[:, :length].masked_fill(~keep, pad)
     labels = input_ids.masked_fill(~is_completion.gather(1, right)[:, :length], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": keep.long(), "labels": labels}
+
+
+def _sampling_side(model: torch.nn.Module) -> tuple[Any, contextlib.AbstractContextManager[None]]:
+    """The model that samples (its ``forward`` takes the cache) and the context to sample in.
+
+    A distillation model's forward runs the teacher and the student: sampling runs the student
+    alone (the teacher would cost a forward a token and be handed the student's cache), unless
+    the caller chose the teacher with ``only_teacher_forward()``."""
+    if not is_distillation_model(model):
+        return model, contextlib.nullcontext()
+    if model.kd_state.only_teacher:
+        return model.teacher_model, contextlib.nullcontext()
+    return model.kd_state.original_class, model.only_student_forward()
 
 
 def _all_done(finished: torch.Tensor, sync_ranks: bool) -> bool:

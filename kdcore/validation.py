@@ -69,12 +69,12 @@ def check_positive(name: str, value: Any) -> float:
     return number
 
 
-def check_temperature(temperature: Any) -> float:
-    """A softmax temperature: finite and > 0."""
+def check_temperature(temperature: Any, name: str = "temperature") -> float:
+    """A softmax temperature: finite and > 0 (``name``: the argument errors name)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ConfigTypeError(f"temperature must be a number, got {shown(temperature)}")
+        raise ConfigTypeError(f"{name} must be a number, got {shown(temperature)}")
     if not temperature > 0 or temperature == math.inf:
-        raise ConfigError(f"temperature must be finite and > 0, got {shown(temperature)}")
+        raise ConfigError(f"{name} must be finite and > 0, got {shown(temperature)}")
     return float(temperature)
 
 

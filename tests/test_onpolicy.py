@@ -296,9 +296,11 @@ def test_on_policy_fraction_zero_trains_exactly_as_before(tmp_path: Path) -> Non
         kd_config={"teacher_model": teacher, "criterion": {"name": "forward_kl"}},
         train_dataset=prompt_examples(4),
     ).train()
-    on_policy_trainer(
-        tmp_path, fraction_zero, teacher, on_policy_fraction=0.0, max_new_tokens=4, max_steps=2
-    ).train()
+    with pytest.warns(UserWarning, match="max_new_tokens ignored"):
+        trainer = on_policy_trainer(
+            tmp_path, fraction_zero, teacher, on_policy_fraction=0.0, max_new_tokens=4, max_steps=2
+        )
+    trainer.train()
     for (name, a), b in zip(before.named_parameters(), fraction_zero.parameters(), strict=True):
         assert torch.equal(a, b), name
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,9 @@ class KDTrainer(transformers.Trainer):
         ``eos_token_id`` (its generation config's, else its config's). Under
         ``torch.distributed`` every rank samples until every rank's rows have stopped, so a
         model whose forward gathers its parameters (FSDP2's ``fully_shard``) runs as often on
-        each rank.
+        each rank. Setting ``max_new_tokens``, a temperature or a top-p other than 1 with both
+        fractions 0 warns (nothing is generated), as does the ``sampled_reverse_kl`` criterion
+        with ``on_policy_fraction=0`` (its estimates hold on the student's own samples only).
 
     Every batch needs ``labels`` (input ids, ``-100`` where no loss counts). ``labels=`` reaches
     the criteria whose ``forward`` takes it, shifted, so the logit divergences skip masked rows.
@@ -164,15 +167,47 @@ class KDTrainer(transformers.Trainer):
         self.max_new_tokens = (
             None if max_new_tokens is None else check_positive_int("max_new_tokens", max_new_tokens)
         )
-        self.generation_temperature = check_temperature(generation_temperature)
+        self.generation_temperature = check_temperature(
+            generation_temperature, "generation_temperature"
+        )
         self.top_p = check_unit_interval("top_p", top_p)
         if self.top_p == 0:
             raise ConfigError("top_p must be in (0, 1], got 0 (no token would be kept)")
         self._eval_totals: torch.Tensor | None = None
         super().__init__(model=model, args=args, **kwargs)
+        self._warn_unused_generation_settings(self.distillation_model())
         # The loss is normalised by the step's token count here (see the module docstring),
         # so the Trainer counts the tokens and does not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
+
+    def _warn_unused_generation_settings(self, meta: DistillationModel) -> None:
+        """Warn of settings that do nothing or train on something else than meant."""
+        criteria = kd.registries().criteria
+        if self.on_policy_fraction == 0 and any(
+            criteria.name_of(type(loss)) == "sampled_reverse_kl" for loss in meta.loss_modules
+        ):
+            warnings.warn(
+                "KDTrainer: the sampled_reverse_kl criterion with on_policy_fraction=0 estimates "
+                "the reverse KL from tokens the student did not sample (the dataset's or the "
+                "teacher's), a biased estimate of another objective: set on_policy_fraction > 0, "
+                "or use reverse_kl",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.on_policy_fraction == 0 and self.teacher_generated_fraction == 0:
+            unused = {
+                "max_new_tokens": self.max_new_tokens is not None,
+                "generation_temperature": self.generation_temperature != 1,
+                "top_p": self.top_p != 1,
+            }
+            if any(unused.values()):
+                names = ", ".join(name for name, given in unused.items() if given)
+                warnings.warn(
+                    f"KDTrainer: {names} ignored: nothing is generated with on_policy_fraction=0 "
+                    "and teacher_generated_fraction=0",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     # ----------------------------------------------------------------- the loss
     def distillation_model(self) -> DistillationModel:
@@ -242,8 +277,9 @@ class KDTrainer(transformers.Trainer):
         generator = torch.Generator(ids.device).manual_seed(
             _seed_of(self.args.seed, self.state.global_step, self.args.process_index, index)
         )
-        # Through the meta-model's forward, whose hooks gather the parameters under FSDP2
-        with meta.only_student_forward(by_student), meta.only_teacher_forward(not by_student):
+        # Through the meta-model's forward, whose hooks gather the parameters under FSDP2;
+        # generate_completions samples from its student unless told the teacher
+        with meta.only_teacher_forward(not by_student):
             generated = llm.generate_completions(
                 meta,
                 ids[:, :width],
