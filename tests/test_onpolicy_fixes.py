@@ -5,6 +5,11 @@ settings that do nothing or train on something else than meant."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 from kdcore_transformers import KDTrainer  # noqa: E402
 
 from tests.conftest import tiny_llama_from_config  # noqa: E402
+from tests.test_onpolicy import prompt_examples, training_arguments  # noqa: E402
 
 VOCAB, EOS = 23, 2
 PROMPTS = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
@@ -151,3 +157,71 @@ def test_bad_generation_settings_name_the_argument_given(
 ) -> None:
     with pytest.raises(kd.ConfigError, match=named):
         trainer(tmp_path, on_policy_fraction=1.0, max_new_tokens=2, **options)
+
+
+# ======================================================================== sampling under DDP
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+
+
+class ForwardCountingTrainer(KDTrainer):  # type: ignore[misc]
+    """Counts, while each step's batches are made (where on-policy steps sample), the forwards
+    of the model the Trainer trains (the DDP wrapper) and of the meta-model inside it."""
+
+    calls = {"wrapper": 0, "meta": 0}
+    wrapper_type = ""
+
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+        calls, wrapper = self.calls, self.model_wrapped
+        type(self).wrapper_type = type(wrapper).__name__
+        hooks = [
+            module.register_forward_pre_hook(
+                lambda *_, key=key: calls.update({key: calls[key] + 1})
+            )
+            for key, module in (("wrapper", wrapper), ("meta", self.distillation_model()))
+        ]
+        try:
+            return super().get_batch_samples(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+@pytest.mark.slow  # two processes importing transformers: ~10 s
+def test_under_ddp_the_student_samples_through_the_unwrapped_model(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "OUT": str(tmp_path)}
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", __name__]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen["wrapper_type"] == "DistributedDataParallel"
+        assert seen["calls"]["wrapper"] == 0  # not through DDP's forward (no gradient sync)
+        assert seen["calls"]["meta"] >= 1  # the meta-model's forward sampled
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    out = Path(os.environ["OUT"])
+    trainer = ForwardCountingTrainer(
+        model=tiny_llama(),
+        args=training_arguments(out, max_steps=1),
+        kd_config={"teacher_model": tiny_llama(seed=1, hidden=32), "criterion": {"name": "jsd"}},
+        train_dataset=prompt_examples(8),
+        on_policy_fraction=1.0,
+        max_new_tokens=3,
+    )
+    trainer.train()
+    seen = {"calls": trainer.calls, "wrapper_type": trainer.wrapper_type}
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+    if dist.is_initialized():  # joined before exit, or gloo's threads may abort the process
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
