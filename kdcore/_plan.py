@@ -20,6 +20,7 @@ from kdcore._converter import criterion_entries, instantiate, is_plugin_ref, tea
 from kdcore._errors import (
     ConfigError,
     ConfigTypeError,
+    KDCoreError,
     UnknownLayerError,
     closest,
     did_you_mean,
@@ -194,14 +195,19 @@ def _checked_pair(
     )
     loss = _build_loss(spec, path=loss_path)
     bind_layers = getattr(loss, "bind_layers", None)
-    if callable(bind_layers) and student_module is not None and teacher_module is not None:
-        bind_layers(student_module, teacher_module)  # e.g. a fused loss needs the lm-head weights
     bind_models = getattr(loss, "bind_models", None)
-    if callable(bind_models) and student is not None and teacher is not None:
-        try:  # e.g. a fused loss that names the lm heads it multiplies by
-            bind_models(student, teacher)
-        except UnknownLayerError as exc:
-            raise UnknownLayerError(f"{loss_path}: {exc}", name=exc.name) from None
+    try:
+        if callable(bind_layers) and student_module is not None and teacher_module is not None:
+            bind_layers(student_module, teacher_module)  # e.g. a fused loss's lm-head weights
+        if callable(bind_models) and student is not None and teacher is not None:
+            bind_models(student, teacher)  # e.g. a fused loss that names the lm heads
+    except UnknownLayerError as exc:
+        raise UnknownLayerError(f"{loss_path}: {exc}", name=exc.name) from None
+    except KDCoreError:
+        raise
+    except (TypeError, ValueError) as exc:  # the loss refused the layers it was given
+        error = ConfigTypeError if isinstance(exc, TypeError) else ConfigError
+        raise error(str(exc), path=loss_path) from exc
     return LossPair(
         _canonical(student_layer),
         _canonical(teacher_layer),

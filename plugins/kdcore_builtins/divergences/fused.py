@@ -265,9 +265,17 @@ def _check_head(
             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
         )
     if hidden.shape[-1] != weight.shape[1]:
+        looks_like_logits = hidden.shape[-1] == weight.shape[0]
         raise ValueError(
             f"{what}: {side} hidden states {tuple(hidden.shape)} do not fit the {side} lm-head "
             f"weight {tuple(weight.shape)} (hidden sizes {hidden.shape[-1]} and {weight.shape[1]})"
+            + (
+                "; they are as wide as the vocabulary, so they look like the head's output: pair "
+                "the final hidden states, the head's input (e.g. 'lm_head:input' or the final "
+                "norm layer such as 'model.norm')"
+                if looks_like_logits
+                else ""
+            )
         )
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
         raise ValueError(
@@ -500,6 +508,14 @@ def _check_heads(
     "'lm_head:input', or name the heads: student_head='lm_head', teacher_head='lm_head'",
 ) -> tuple[nn.Module, nn.Module]:
     for side, module in (("student", student_module), ("teacher", teacher_module)):
+        if isinstance(module, nn.Embedding):
+            # Its weight is [vocab, hidden] too, but unless the head is tied to it, it is not the
+            # layer that makes the logits: the loss would train against the wrong matrix.
+            raise TypeError(
+                f"FusedLogitsLoss: the {side} layer is an embedding ({type(module).__name__}), not "
+                f"the lm head; name the layer the model calls on its final hidden states ({hint}; "
+                "with tied embeddings the head shares the embedding's weight)"
+            )
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(
