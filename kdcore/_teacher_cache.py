@@ -192,8 +192,15 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], torch.Tens
                 f"a mapping batch needs 'input_ids' (they key the cache); got keys "
                 f"{shown(sorted(batch))}"
             )
+        inputs = batch["input_ids"]
+        if isinstance(inputs, torch.Tensor) and inputs.dim() < 2:
+            raise TeacherCacheError(
+                f"a batch's input_ids are {tuple(inputs.shape)}, one example's tokens: data "
+                "yields batches [B, S], not examples; pass batches (e.g. a DataLoader with a "
+                "collator that pads)"
+            )
         kwargs = {key: value for key, value in batch.items() if key != "labels"}
-        return (), kwargs, batch["input_ids"], batch.get("labels")
+        return (), kwargs, inputs, batch.get("labels")
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         return (batch[0],), {}, batch[0], batch[1] if len(batch) > 1 else None
     raise TeacherCacheError(
@@ -293,6 +300,13 @@ def _teacher_record(teacher: Any) -> tuple[nn.Module, dict[str, Any]]:
             if isinstance(typed, PluginRef)
             else shown(teacher)
         )
+    cache = getattr(module, "cache", None)
+    if isinstance(cache, TeacherCache):  # it has no weights: its fingerprint would be empty
+        raise TeacherCacheError(
+            f"cache_teacher(teacher=...) is a cached teacher (the cache {cache.folder}): a cache "
+            "cannot be cached again; cache the teacher it was written from "
+            f"({shown(cache.manifest['teacher']['spec'])})"
+        )
     return module, {"spec": spec, "fingerprint": weights_fingerprint(module)}
 
 
@@ -379,6 +393,9 @@ def cache_teacher(
         if log is not None and rank == 0:
             log(line)
 
+    if writer.damaged:
+        damaged = "; ".join(f"{name} ({what})" for name, what in writer.damaged.items())
+        say(f"re-writing damaged shards: {damaged}")
     if writer.done:
         say(f"resuming {writer.folder}: {len(writer.done)} examples cached already")
     done = writer.done
@@ -465,30 +482,53 @@ class _ShardWriter:
         self.folder, self.settings, self.rank, self.world = folder, settings, rank, world
         self.name = MANIFEST if world == 1 else f"manifest-rank{rank}.json"
         self.prefix = "shard-" if world == 1 else f"shard-rank{rank}-"
+        _check_cache_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if rank == 0 and not (folder / MANIFEST).exists():
-            _write_manifest(folder, MANIFEST, settings)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # rank 0's manifest.json exists: the others may read it
+        # Nothing is written before the first shard is complete: a run that fails on its first
+        # batch (top_k above the vocabulary, say) leaves the folder as it found it.
         merged = self.merged()
         own = json.loads(json.dumps(self.lists().get(self.name, settings)))
         for key in ("vocab_size", "position_dims"):  # as written by any rank so far
             own[key] = merged[key] if own[key] is None else own[key]
         self.manifest = own
         self.taken = {entry["file"] for entry in merged["shards"]}  # never written over
-        cache = TeacherCache(folder, manifest=merged)
+        cache = TeacherCache(folder, manifest=merged, skip_damaged=True)
         self.done: set[bytes] = set(cache.index)
+        self.damaged = cache.damaged
         cache.close()
+        if self.damaged:
+            self.drop_damaged()
+
+    def drop_damaged(self) -> None:
+        """Unlist the damaged or missing shards from every list, so that their examples are
+        cached again. Under torch.distributed every rank sees them and refuses: a rank may not
+        rewrite another's list."""
+        first = sorted(self.damaged)[0]
+        if self.world > 1:
+            raise TeacherCacheError(
+                f"{self.folder}: shard {first} is {self.damaged[first]}; rerun in one process "
+                "(without torchrun) to re-write it"
+            )
+        for name, manifest in self.lists().items():
+            kept = [e for e in manifest["shards"] if e["file"] not in self.damaged]
+            if len(kept) < len(manifest["shards"]):
+                _write_manifest(self.folder, name, {**manifest, "shards": kept})
+        self.manifest["shards"] = [
+            e for e in self.manifest["shards"] if e["file"] not in self.damaged
+        ]
+        for name in self.damaged:
+            (self.folder / name).unlink(missing_ok=True)
 
     def lists(self) -> dict[str, dict[str, Any]]:
         """The folder's manifests (``manifest.json`` and the ranks'), checked against the
-        settings asked for, by file name."""
+        settings asked for, by file name. One that lists no shard holds nothing to keep (an
+        earlier version wrote it before the first shard) and is written over."""
         found = {}
         for file in [self.folder / MANIFEST, *sorted(self.folder.glob("manifest-rank*.json"))]:
             if file.exists():
                 manifest = read_manifest(self.folder, file.name)
+                if not manifest["shards"]:
+                    continue
                 _check_same_settings(manifest, self.settings, file)
                 found[file.name] = manifest
         return found
@@ -558,12 +598,32 @@ class _ShardWriter:
             import torch.distributed as dist
 
             dist.barrier()
-        merging = self.rank == 0 and any(name != MANIFEST for name in self.lists())
-        if merging:
+        lists = self.lists()
+        merging = self.rank == 0 and any(name != MANIFEST for name in lists)
+        if merging or (self.rank == 0 and MANIFEST not in lists):  # no data: an empty cache
             _write_manifest(self.folder, MANIFEST, self.merged())
         if self.world > 1:
             dist.barrier()  # no rank returns before the cache is whole
         return merging
+
+
+def _check_cache_folder(folder: Path) -> None:
+    """Refuse to write a cache over a file, or into a folder that holds other things."""
+    if folder.exists() and not folder.is_dir():
+        raise TeacherCacheError(
+            f"{folder} is a file; give cache_teacher a folder (a new one, or a cache to resume)"
+        )
+    if not folder.is_dir() or any(folder.glob("manifest*.json")):
+        return
+    # A run killed before its first shard leaves at most shard files and temporary files.
+    others = sorted(
+        p.name for p in folder.iterdir() if not p.name.startswith(("shard-", ".shard-"))
+    )
+    if others:
+        raise TeacherCacheError(
+            f"{folder} is not empty and not a teacher cache (it holds {shown(others[:3])}); "
+            "give cache_teacher a new folder or a cache to resume"
+        )
 
 
 def _check_same_settings(found: dict[str, Any], asked: dict[str, Any], file: Path) -> None:
@@ -587,10 +647,17 @@ def _write_manifest(folder: Path, name: str, manifest: dict[str, Any]) -> None:
 class TeacherCache:
     """A teacher cache opened for reading: the manifest, checked, and an index from example
     fingerprints to their shard and row. Shards are memory-mapped (``safetensors.safe_open``)
-    and read one example's rows at a time: a whole shard is never loaded."""
+    and read one example's rows at a time: a whole shard is never loaded. What is served is
+    checked as it is read (see :meth:`rows`). With ``skip_damaged``, a listed shard that is
+    missing or unreadable is left out and named in :attr:`damaged` (file name: what is wrong)
+    instead of refused."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, manifest: dict[str, Any] | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        manifest: dict[str, Any] | None = None,
+        skip_damaged: bool = False,
     ) -> None:
         self.folder = Path(path)
         self.manifest = read_manifest(self.folder) if manifest is None else manifest
@@ -600,17 +667,30 @@ class TeacherCache:
         self.index: dict[bytes, tuple[int, int]] = {}
         self._shards: list[Any] = []
         self._offsets: list[torch.Tensor] = []
+        self.damaged: dict[str, str] = {}
         for number, entry in enumerate(self.manifest["shards"]):
-            self._open_shard(number, entry)
+            try:
+                self._open_shard(number, entry)
+            except _DamagedShard as exc:
+                if not skip_damaged:
+                    raise TeacherCacheError(
+                        f"{self.folder / entry['file']}: {exc}; run kd.cache_teacher (or kdcore "
+                        "cache-teacher) again with the same teacher and arguments to re-write it"
+                    ) from None
+                self.damaged[entry["file"]] = str(exc)
+                self._shards.append(None)
+                self._offsets.append(torch.zeros(1, dtype=torch.int64))
 
     def _open_shard(self, number: int, entry: dict[str, Any]) -> None:
         from safetensors import safe_open
 
         file = self.folder / entry["file"]
+        if not file.is_file():
+            raise _DamagedShard("missing")
         try:
             shard = safe_open(str(file), framework="pt")
         except Exception as exc:  # safetensors raises its own errors on a truncated header
-            raise TeacherCacheError(f"{file}: not a readable safetensors shard ({exc})") from None
+            raise _DamagedShard(f"not a readable safetensors shard ({exc})") from None
         n, positions = entry["examples"], entry["positions"]
         expected = {
             "fingerprints": [n, FINGERPRINT_BYTES],
@@ -623,20 +703,25 @@ class TeacherCache:
         present = set(shard.keys())
         missing = [name for name in expected if name not in present]
         if missing:
-            raise TeacherCacheError(f"{file}: missing tensors {shown(missing)}")
+            raise _DamagedShard(f"missing tensors {shown(missing)}")
         for name, shape in expected.items():
             found = shard.get_slice(name).get_shape()
             if list(found) != shape:
-                raise TeacherCacheError(
-                    f"{file}: tensor {name!r} has shape {found}, the manifest implies {shape}"
+                raise _DamagedShard(
+                    f"tensor {name!r} has shape {found}, the manifest implies {shape}"
                 )
+        size, expected_size = file.stat().st_size, _safetensors_size(file)
+        if size != expected_size:
+            raise _DamagedShard(
+                f"truncated or corrupt ({size} bytes, its header implies {expected_size})"
+            )
         try:
             offsets = shard.get_tensor("offsets")
             fingerprints = shard.get_tensor("fingerprints")
         except Exception as exc:  # a truncated file: the header promises more than is there
-            raise TeacherCacheError(f"{file}: truncated or corrupt ({exc})") from None
+            raise _DamagedShard(f"truncated or corrupt ({exc})") from None
         if offsets[0] != 0 or offsets[-1] != positions or (offsets.diff() < 0).any():
-            raise TeacherCacheError(f"{file}: 'offsets' do not run from 0 to {positions}")
+            raise _DamagedShard(f"'offsets' do not run from 0 to {positions}")
         for row, fingerprint in enumerate(fingerprints.numpy()):
             self.index.setdefault(fingerprint.tobytes(), (number, row))
         self._shards.append(shard)
@@ -669,7 +754,34 @@ class TeacherCache:
                 f"{file}: vocabulary index {int(indices.max())} >= the vocabulary size "
                 f"{self.vocab_size}"
             )
+        problem = self._implausible(values, lse, tail)
+        if problem:
+            raise TeacherCacheError(
+                f"{file}: example {row} (positions {start} to {stop - 1}) holds {problem}: the "
+                "shard is damaged; cache the teacher again"
+            )
         return positions, indices, values, lse, tail
+
+    def _implausible(self, values: torch.Tensor, lse: torch.Tensor, tail: torch.Tensor) -> str:
+        """What makes served rows no distribution (empty if nothing): a log-sum-exp that is not
+        finite, a NaN or +inf value or tail, the largest value -inf, or a kept
+        log-probability (value - logsumexp) or the tail's above 0 beyond the stored values'
+        rounding. A tail of -inf is an empty tail (the kept entries hold all the mass)."""
+        values, lse, tail = values.float(), lse.float(), tail.float()
+        rounding = 2.0**-7 if self.manifest["compression"] == "bfloat16" else 1e-5
+        slack = (lse.abs() * rounding + 1e-4)[:, None]
+        checks = (
+            ("a log-sum-exp that is not finite", ~lse.isfinite()),
+            ("a NaN or +inf value", values.isnan() | (values == math.inf)),
+            ("a NaN or +inf tail", tail.isnan() | (tail == math.inf)),
+            ("no kept entry (the largest value is -inf)", values[:, :1] == -math.inf),
+            (
+                "a value above its log-sum-exp (a log-probability > 0)",
+                values > lse[:, None] + slack,
+            ),
+            ("a tail above its log-sum-exp", tail[:, None] > lse[:, None] + slack),
+        )
+        return next((what for what, bad in checks if bool(bad.any())), "")
 
     def lookup(
         self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -749,12 +861,31 @@ def read_manifest(folder: Path, name: str = MANIFEST) -> dict[str, Any]:
         "teacher": lambda v: isinstance(v, dict) and isinstance(v.get("fingerprint"), str),
         "shards": lambda v: isinstance(v, list) and all(_is_shard_entry(e) for e in v),
     }
+    bad_entries = [e for e in manifest.get("shards") or [] if not _is_shard_entry(e)]
+    if isinstance(manifest.get("shards"), list) and bad_entries:
+        raise TeacherCacheError(
+            f"{file}: bad shard entry {shown(bad_entries[0])} (a shard is a .safetensors file in "
+            "the cache's folder, with 'examples' and 'positions' counts)"
+        )
     for key, check in checks.items():
         if key not in manifest or not check(manifest[key]):
             raise TeacherCacheError(f"{file}: bad or missing {key!r}: {shown(manifest.get(key))}")
     if manifest["shards"] and manifest["vocab_size"] is None:
         raise TeacherCacheError(f"{file}: has shards but no 'vocab_size'")
     return manifest
+
+
+def _safetensors_size(file: Path) -> int:
+    """The size a safetensors file's header implies: 8 bytes, the header, the tensors' data."""
+    with open(file, "rb") as stream:
+        length = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(length))
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+    return 8 + length + max(ends, default=0)
+
+
+class _DamagedShard(Exception):
+    """A listed shard that is missing or cannot be read as the manifest describes it."""
 
 
 def _is_shard_entry(entry: Any) -> bool:
