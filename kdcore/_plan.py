@@ -306,7 +306,8 @@ def _check_layer(model: nn.Module, spec: str, side: str, path: str) -> nn.Module
         raise UnknownLayerError(
             f"{path}: the {side} ({type(model).__name__}) has no layer {name!r}"
             + (f"; did you mean {hint!r}?" if hint else "")
-            + (f" (close names: {', '.join(suggestions)})" if suggestions else ""),
+            + (f" (close names: {', '.join(suggestions)})" if suggestions else "")
+            + getattr(model, "layers_note", ""),
             name=name,
         )
     return model.get_submodule(name)

@@ -337,12 +337,13 @@ def cache_teacher(
     """Run ``teacher`` over ``data`` once and cache its sparse output distribution at ``path``.
 
     ``teacher`` is an ``nn.Module`` or any teacher spec ``kd.convert`` accepts; ``data`` yields
-    batches: an input tensor, a tuple ``(inputs, labels)`` or a mapping with ``input_ids`` (and
-    ``labels``: a causal LM's positions whose shifted label is -100 are skipped; and
-    ``attention_mask``: only attended tokens are cached and fingerprinted, so the student may
-    pad each example otherwise). Per position the cache keeps the ``top_k`` largest entries of
-    ``logits / temperature`` (with ``top_p``, only the smallest prefix whose probability
-    reaches it), their log-sum-exp and the tail's. ``compression`` is ``"float32"`` (lossless:
+    batches (e.g. a DataLoader, not a data set of single examples): an input tensor, a tuple
+    ``(inputs, labels)`` or a mapping with ``input_ids`` (and ``labels``: a causal LM's
+    positions whose shifted label is -100 are skipped; and ``attention_mask``: only attended
+    tokens are cached and fingerprinted, so the student may pad each example otherwise). Per
+    position the cache keeps the ``top_k`` largest entries of ``logits / temperature`` (with
+    ``top_p``, only the smallest prefix whose probability reaches it), their log-sum-exp and
+    the tail's. ``compression`` is ``"float32"`` (lossless:
     training from it equals online ``topk_kl``), ``"bfloat16"`` or ``"compressed"`` (at most
     24 bits per entry, index and value, up to V = 2**18 with k = 64; values within 1/1020 of
     each position's range). Rerunning after a kill resumes after the last complete shard; a
@@ -359,13 +360,14 @@ def cache_teacher(
         kd.convert(student, [("kd_loss", {"teacher_model": {"name": "cached", "path": "cache/"},
                                           "criterion": {"name": "topk_kl", "k": 64}})])
     """
-    from kdcore.validation import check_int, check_temperature, check_unit_interval
+    from kdcore.validation import check_int, check_temperature
 
     top_k = check_int("top_k", top_k, minimum=1)
     examples_per_shard = check_int("examples_per_shard", examples_per_shard, minimum=1)
     temperature = check_temperature(temperature)
-    if top_p is not None and check_unit_interval("top_p", top_p) == 0:
-        raise ConfigError("must be in (0, 1], got 0", path="cache_teacher(top_p=...)")
+    number = isinstance(top_p, (int, float)) and not isinstance(top_p, bool)
+    if top_p is not None and not (number and 0 < top_p <= 1):
+        raise ConfigError(f"must be in (0, 1], got {shown(top_p)}", path="cache_teacher(top_p=...)")
     if compression not in COMPRESSIONS:
         raise ConfigError(
             f"is {shown(compression)}; expected one of {', '.join(COMPRESSIONS)}"
@@ -783,6 +785,31 @@ class TeacherCache:
         )
         return next((what for what, bad in checks if bool(bad.any())), "")
 
+    def _why_not_cached(self, example: torch.Tensor, mask: torch.Tensor | None) -> str:
+        """The likely cause of an example's absence, tried on this example only."""
+        floating = example.is_floating_point() and example.dtype != torch.float32
+        if floating and input_fingerprints(example[None].float())[0] in self.index:
+            return (
+                f"its inputs are {example.dtype}, cached as torch.float32; pass the inputs in "
+                "the dtype they were cached in"
+            )
+        if mask is None and example.dim() == 1 and not example.is_floating_point():
+            tokens = example.tolist()
+            pad = tokens[-1]
+            while tokens and tokens[-1] == pad:
+                tokens.pop()
+            if tokens and input_fingerprints(torch.tensor([tokens]))[0] in self.index:
+                return (
+                    f"without its trailing {pad!r} tokens it is cached: the batch is padded; "
+                    "pass its attention_mask"
+                )
+        return (
+            "cache every data set the teacher sees: the training data and, where a trainer "
+            "evaluates with the teacher (KDTrainer with an eval_dataset), the eval set too; "
+            "inputs must match those cached in dtype and tokens (and padding, without an "
+            "attention_mask)"
+        )
+
     def lookup(
         self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> SparseTeacherOutput:
@@ -805,8 +832,8 @@ class TeacherCache:
             if fingerprint not in self.index:
                 raise TeacherCacheError(
                     f"example {i} of the batch (input fingerprint {fingerprint.hex()}) is not "
-                    f"in the teacher cache {self.folder} ({self.examples} examples): cache the "
-                    "data set you train on"
+                    f"in the teacher cache {self.folder} ({self.examples} examples): "
+                    + self._why_not_cached(inputs[i], mask)
                 )
             positions, idx, values, row_lse, row_tail = self.rows(fingerprint)
             places = mask[i].nonzero().squeeze(-1).cpu() if mask is not None else None
@@ -902,11 +929,13 @@ def _is_shard_entry(entry: Any) -> bool:
 
 def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``kdcore inspect CACHE`` prints: the manifest, size, bytes per position, coverage
-    (``lines`` is the text form). Reads the manifest and the shards' headers and fingerprints."""
-    cache = TeacherCache(path)
+    and the damaged shards (``lines`` is the text form). Reads the manifest and the shards'
+    headers and fingerprints."""
+    cache = TeacherCache(path, skip_damaged=True)
     manifest = cache.manifest
-    size = sum((cache.folder / e["file"]).stat().st_size for e in manifest["shards"])
-    positions = sum(e["positions"] for e in manifest["shards"])
+    readable = [e for e in manifest["shards"] if e["file"] not in cache.damaged]
+    size = sum((cache.folder / e["file"]).stat().st_size for e in readable)
+    positions = sum(e["positions"] for e in readable)
     per_position = size / positions if positions else None
     lines = [
         f"teacher cache {cache.folder} (format version {manifest['version']})",
@@ -930,6 +959,13 @@ def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"  not served yet: shards listed in {', '.join(pending)} only (a torchrun run under "
             "way or killed; run it again to finish and merge)"
         )
+    for name, what in cache.damaged.items():
+        lines.append(f"  damaged: {name} is {what}, its examples are not served")
+    if cache.damaged:
+        lines.append(
+            "  run kd.cache_teacher (or kdcore cache-teacher) again with the same teacher and "
+            "arguments to re-write the damaged shards"
+        )
     return {
         "path": str(cache.folder),
         "manifest": manifest,
@@ -937,5 +973,6 @@ def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         "positions": positions,
         "bytes": size,
         "bytes_per_position": per_position,
+        "damaged": cache.damaged,
         "lines": lines,
     }

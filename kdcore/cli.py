@@ -418,7 +418,11 @@ def _add_inspect_command(subparsers: Any) -> None:
             "Reads the header only and runs nothing the file names. A damaged manifest is "
             "shown as far as it can be read, followed by its problems (those kd.restore would "
             "refuse it for); the exit status is still 0. It is 1 only when PATH is not a "
-            "checkpoint at all (no backend reads it, or it holds no kdcore manifest)."
+            "checkpoint at all (no backend reads it, or it holds no kdcore manifest). "
+            "For a teacher cache folder (kd.cache_teacher, kdcore cache-teacher): its teacher, "
+            "vocabulary, top_k/top_p, temperature, compression, coverage and size; a missing "
+            "or damaged shard is named (exit status 0; rerun cache-teacher to re-write it), "
+            "an unreadable manifest.json gives 1."
         ),
     )
     parser.add_argument("path", help="a checkpoint file or folder, or a teacher cache folder")
@@ -699,6 +703,8 @@ def _run_cache_teacher(args: argparse.Namespace) -> int:
     from kdcore.training.distributed import launch
     from kdcore.training.loop import epoch_batches
 
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
     _import_from_current_folder()
     with _errors_from(args.config):
         modes, config = load_job(args.config)

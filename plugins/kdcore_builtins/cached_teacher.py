@@ -21,6 +21,11 @@ from kdcore.plugin import SparseTeacherOutput, TeacherCache, model_inputs
 class CachedTeacher(nn.Module):
     """A teacher without weights: ``forward`` looks its inputs up in a :class:`TeacherCache`."""
 
+    layers_note = (  # added to an unknown-layer error (kdcore._plan)
+        "; a cached teacher has no layers: it serves only its output's top-k logits, to the "
+        "sparse logit criteria (topk_kl, forward_kl, logits)"
+    )
+
     def __init__(self, cache: TeacherCache) -> None:
         super().__init__()
         self.cache = cache

@@ -39,7 +39,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 import kdcore as kd
 from kdcore import ConfigError, DistillationModel, DistillationStateError, llm
-from kdcore.plugin import is_distillation_model
+from kdcore.plugin import TeacherCache, is_distillation_model
 from kdcore.validation import check_positive_int, check_temperature, check_unit_interval
 
 #: Where checkpoints keep the loss modules' weights and balancer buffers (for resuming): not in
@@ -164,6 +164,17 @@ class KDTrainer(transformers.Trainer):
                 raise ConfigError(
                     f"{name}={fraction!r} needs max_new_tokens= (the longest completion generated)"
                 )
+        teacher_cache = getattr(model.teacher_model, "cache", None)
+        if (
+            isinstance(teacher_cache, TeacherCache)
+            and on_policy_fraction + teacher_generated_fraction
+        ):
+            raise ConfigError(
+                f"on_policy_fraction={on_policy_fraction!r}, teacher_generated_fraction="
+                f"{teacher_generated_fraction!r}: the teacher is a teacher cache "
+                f"({teacher_cache.folder}), which holds only the cached examples and cannot "
+                "score generated completions; give the teacher itself, or set both to 0"
+            )
         self.max_new_tokens = (
             None if max_new_tokens is None else check_positive_int("max_new_tokens", max_new_tokens)
         )
