@@ -712,11 +712,6 @@ class TeacherCache:
                 raise _DamagedShard(
                     f"tensor {name!r} has shape {found}, the manifest implies {shape}"
                 )
-        size, expected_size = file.stat().st_size, _safetensors_size(file)
-        if size != expected_size:
-            raise _DamagedShard(
-                f"truncated or corrupt ({size} bytes, its header implies {expected_size})"
-            )
         try:
             offsets = shard.get_tensor("offsets")
             fingerprints = shard.get_tensor("fingerprints")
@@ -902,15 +897,6 @@ def read_manifest(folder: Path, name: str = MANIFEST) -> dict[str, Any]:
     return manifest
 
 
-def _safetensors_size(file: Path) -> int:
-    """The size a safetensors file's header implies: 8 bytes, the header, the tensors' data."""
-    with open(file, "rb") as stream:
-        length = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(length))
-    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
-    return 8 + length + max(ends, default=0)
-
-
 class _DamagedShard(Exception):
     """A listed shard that is missing or cannot be read as the manifest describes it."""
 
@@ -945,7 +931,9 @@ def cache_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         f"{manifest['top_k']}, top_p {manifest['top_p']}, temperature {manifest['temperature']}, "
         f"compression {manifest['compression']}",
         f"  coverage: {cache.examples} examples, {positions} positions",
-        f"  {len(manifest['shards'])} shards, {size} bytes"
+        f"  {len(manifest['shards'])} shards"
+        + (f" ({len(cache.damaged)} damaged)" if cache.damaged else "")
+        + f", {size} bytes"
         + (f", {per_position:.1f} bytes per position" if per_position else ""),
     ]
     listed = {entry["file"] for entry in manifest["shards"]}
