@@ -384,9 +384,32 @@ def _modes_to_rebuild(
             )
             raise CheckpointError(path, f"{where} could not be recorded ({why}); {hint}")
         if teacher_model is not None and "teacher_model" in config:
+            _check_cache_teacher(config["teacher_model"], teacher_model, path)
             config["teacher_model"] = teacher_model
         modes.append((mode["name"], config))
     return modes
+
+
+def _check_cache_teacher(recorded: Any, teacher_model: nn.Module, path: Path) -> None:
+    """A cached teacher given for a checkpoint trained from a cache must hold the same
+    teacher's outputs (another folder is fine: a moved cache)."""
+    from kdcore._teacher_cache import TeacherCache
+
+    cache = getattr(teacher_model, "cache", None)
+    if not isinstance(cache, TeacherCache) or not isinstance(recorded, dict):
+        return
+    if recorded.get("name") != "cached" or "teacher_fingerprint" not in recorded:
+        return
+    found = {"teacher_fingerprint": cache.manifest["teacher"]["fingerprint"]}
+    found["vocab_size"] = cache.vocab_size
+    for key, value in found.items():
+        if recorded.get(key) not in (None, value):
+            raise CheckpointError(
+                path,
+                f"teacher_model= is the teacher cache {cache.folder}, whose {key} is {value!r}; "
+                f"the checkpoint was trained from a cache with {key} {recorded[key]!r} "
+                f"({recorded.get('path')}): pass that teacher's cache",
+            )
 
 
 def _student_shapes(model: nn.Module) -> dict[str, TensorInfo]:
