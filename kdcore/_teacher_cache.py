@@ -365,8 +365,8 @@ def cache_teacher(
     top_k = check_int("top_k", top_k, minimum=1)
     examples_per_shard = check_int("examples_per_shard", examples_per_shard, minimum=1)
     temperature = check_temperature(temperature)
-    number = isinstance(top_p, (int, float)) and not isinstance(top_p, bool)
-    if top_p is not None and not (number and 0 < top_p <= 1):
+    is_number = isinstance(top_p, (int, float)) and not isinstance(top_p, bool)
+    if top_p is not None and not (is_number and 0 < top_p <= 1):
         raise ConfigError(f"must be in (0, 1], got {shown(top_p)}", path="cache_teacher(top_p=...)")
     if compression not in COMPRESSIONS:
         raise ConfigError(
