@@ -66,3 +66,12 @@ def test_kdtrainer_refuses_generated_steps_with_a_cached_teacher(tmp_path: Path)
                 max_new_tokens=4,
                 **{fraction: 0.5},
             )
+
+
+def test_restore_from_a_moved_cache_says_how(tmp_path: Path) -> None:
+    data = [torch.randn(4, 4, generator=torch.Generator().manual_seed(3))]
+    cache = kd.cache_teacher(TinyNet(width=16, classes=10), data, tmp_path / "cache", top_k=4)
+    kd.save(cached_student(cache), tmp_path / "run.safetensors")
+    cache.rename(tmp_path / "moved")
+    with pytest.raises(kd.TeacherCacheError, match=r"is gone; if it moved, pass kd.restore\("):
+        kd.restore(TinyNet(classes=10), tmp_path / "run.safetensors")

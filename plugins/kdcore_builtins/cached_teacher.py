@@ -49,6 +49,12 @@ def load_cached_teacher(
 ) -> nn.Module:
     """The cache at ``path`` as a teacher; ``teacher_fingerprint``/``vocab_size``, when given
     (a checkpoint records them), must be the cache's."""
+    if teacher_fingerprint is not None and not os.path.exists(path):
+        raise TeacherCacheError(
+            f"the teacher cache {path} recorded in the checkpoint is gone; if it moved, pass "
+            "kd.restore(..., teacher_model=load_cached_teacher(NEW_PATH)) (from "
+            "kdcore_builtins.cached_teacher), or cache the teacher again there"
+        )
     cache = TeacherCache(path)
     expected = {"teacher_fingerprint": teacher_fingerprint, "vocab_size": vocab_size}
     for key, found in _recorded(cache).items():
