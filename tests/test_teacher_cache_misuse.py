@@ -212,6 +212,7 @@ def test_an_uncached_example_mentions_the_eval_set(cache: Path) -> None:
     [
         {"name": "mse"},
         {("fc1", "fc1"): {"name": "fitnet", "student_width": 8, "teacher_width": 16}},
+        {("", ""): {"name": "fused_logits", "student_head": "fc2", "teacher_head": "fc2"}},
     ],
 )
 def test_a_dense_criterion_on_a_cached_teacher_names_the_sparse_ones(

@@ -530,7 +530,7 @@ def _resolve_head(model: nn.Module, head: str, side: str) -> nn.Module:
     if head not in names:
         raise UnknownLayerError(
             f"FusedLogitsLoss {side}_head: the {side} ({type(model).__name__}) has no layer "
-            f"{head!r}{did_you_mean(head, names)}",
+            f"{head!r}{did_you_mean(head, names)}" + getattr(model, "layers_note", ""),
             name=head,
         )
     return model.get_submodule(head)
