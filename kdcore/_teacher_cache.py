@@ -25,7 +25,8 @@ The format (a folder, never code):
 
 A shard is written to a temporary file, fsynced and renamed, and only then listed in the
 manifest (also replaced atomically): a run killed at any point leaves the shards listed so far,
-and the next run with the same arguments skips the examples they hold.
+and the next run with the same arguments skips the examples they hold (and re-writes a listed
+shard found missing or damaged). Nothing is written before the first shard is complete.
 """
 
 from __future__ import annotations

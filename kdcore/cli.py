@@ -680,8 +680,9 @@ def _add_cache_teacher_command(subparsers: Any) -> None:
             "Offline distillation: run the teacher of CONFIG's first mode over the batches of "
             "its [train] data (one epoch, in the run's order) and write a teacher cache to "
             "OUTPUT (kd.cache_teacher). Rerun after a kill to resume after the last complete "
-            "shard. Under torchrun each rank caches its share of the batches into shards of "
-            "its own. Then train with teacher_model = {name = 'cached', path = OUTPUT}."
+            "shard, or to re-write a missing or damaged one. Under torchrun each rank caches "
+            "its share of the batches into shards of its own. Then train with "
+            "teacher_model = {name = 'cached', path = OUTPUT}."
         ),
     )
     parser.add_argument("config", help="the job file (.toml, .json, .yaml)")
