@@ -544,13 +544,9 @@ def _criterion_error(
     ]
     if len(shapes) == 2 and not all(shape in message for shape in shapes):
         message = f"student output {shapes[0]} and teacher output {shapes[1]}: {message}"
-    from kdcore._teacher_cache import SparseTeacherOutput
-
-    if isinstance(teacher_out, SparseTeacherOutput) and "cache" not in message:
-        message = (
-            f"a cached teacher ({teacher_out.source}) serves only its top-k logits, which only "
-            f"the sparse logit criteria take (topk_kl, forward_kl, logits); {name}: {message}"
-        )
+    note = getattr(teacher_out, "criterion_note", None)  # e.g. a cached teacher's sparse output
+    if isinstance(note, str) and "cache" not in message:
+        message = f"{note}; {name}: {message}"
     layers = tuple(layer or "<output>" for layer in (pair.student_layer, pair.teacher_layer))
     return CriterionError(f"{name} on {layers}: {message}", path=pair.path)
 

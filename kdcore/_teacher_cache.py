@@ -159,6 +159,14 @@ class SparseTeacherOutput:
         """The positions' shape (the logits' shape without the vocabulary)."""
         return self.covered.shape
 
+    @property
+    def criterion_note(self) -> str:
+        """What a criterion that refused this output should know (added to its error)."""
+        return (
+            f"a cached teacher ({self.source}) serves only its top-k logits, which only the "
+            "sparse logit criteria take (topk_kl, forward_kl, logits)"
+        )
+
     def to(self, device: torch.device | str) -> SparseTeacherOutput:
         return SparseTeacherOutput(
             self.indices.to(device),
