@@ -328,3 +328,20 @@ DIVERGENCE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "topk_kl": ("topk_kl", {"k": 4}),
     "topk_kl_tail": ("topk_kl", {"k": 4, "tail_bucket": True}),
 }
+
+
+def exit_torchrun_worker() -> None:
+    """End a torchrun test worker once every rank is done: a barrier, then ``os._exit(0)``.
+
+    Tearing gloo down from Python is racy: a DDP reducer freed after ``destroy_process_group``
+    joins gloo's worker thread while holding the GIL that thread needs to free its last work
+    (a deadlock, seen in CI), and gloo's threads left to interpreter exit can abort the process
+    ("terminate called without an active exception"). The worker's results are on disk by now.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
 
-from tests.conftest import tiny_llama_from_config  # noqa: E402
+from tests.conftest import exit_torchrun_worker, tiny_llama_from_config  # noqa: E402
 from tests.test_onpolicy import prompt_examples, training_arguments  # noqa: E402
 
 VOCAB, EOS = 23, 2
@@ -203,7 +203,6 @@ def test_under_ddp_the_student_samples_through_the_unwrapped_model(tmp_path: Pat
 
 
 def main() -> None:
-    import torch.distributed as dist
 
     out = Path(os.environ["OUT"])
     trainer = ForwardCountingTrainer(
@@ -217,9 +216,7 @@ def main() -> None:
     trainer.train()
     seen = {"calls": trainer.calls, "wrapper_type": trainer.wrapper_type}
     (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
-    if dist.is_initialized():  # joined before exit, or gloo's threads may abort the process
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
 
+from tests.conftest import exit_torchrun_worker  # noqa: E402
 from tests.test_onpolicy import prompt_examples, tiny_llama, training_arguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,11 +68,7 @@ def main() -> None:
     runs["resumed"] = run(out / "half", 4, resume=str(out / "half" / "run" / "checkpoint-2"))
     if int(os.environ["RANK"]) == 0:
         (out / "parameters.json").write_text(json.dumps(runs))
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # joined before exit, or gloo's threads may abort the process
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdcore_transformers import KDTrainer  # noqa: E402
 
+from tests.conftest import exit_torchrun_worker  # noqa: E402
 from tests.test_transformers_plugin import arguments, examples, tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +68,7 @@ def main() -> None:
     metrics: dict[int, Any] = {count: evaluate(out / "ranks", count) for count in EXAMPLES}
     if int(os.environ["RANK"]) == 0:
         (out / "metrics.json").write_text(json.dumps(metrics))
-    # Gloo's threads must be joined before the interpreter exits, or a rank may abort
-    # ("terminate called without an active exception", about one run in five).
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_torchrun_worker()
 
 
 if __name__ == "__main__":
