@@ -25,6 +25,7 @@ for generated batches as it does for fixed text; sequence-level KD steps
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -104,8 +105,9 @@ class KDTrainer(transformers.Trainer):
     evaluation tokens) and ``eval_student_loss`` (the student's cross-entropy alone), leaving out
     the examples accelerate repeats to even out the last batch over the ranks.
     Checkpoints hold the student's weights only (``from_pretrained`` loads them), plus
-    ``kdcore_distillation.safetensors`` with the loss modules' weights, for resuming. Other
-    keyword arguments go to ``transformers.Trainer``.
+    ``kdcore_distillation.safetensors`` with the loss modules' weights, for resuming (and, with a
+    cached teacher, what the cache was written from: resuming from another teacher's cache is
+    refused). Other keyword arguments go to ``transformers.Trainer``.
     """
 
     def __init__(
@@ -436,10 +438,16 @@ class KDTrainer(transformers.Trainer):
                 kd_state = {k: v for k, v in state_dict.items() if k in kd_keys}
                 state_dict = {k: v for k, v in state_dict.items() if k in student_keys}
             folder = output_dir if output_dir is not None else self.args.output_dir
-            if kd_state and self.args.should_save and folder is not None:
+            cache = _teacher_cache_record(model)
+            if (kd_state or cache) and self.args.should_save and folder is not None:
                 os.makedirs(folder, exist_ok=True)
                 tensors = {k: v.detach().contiguous().cpu() for k, v in kd_state.items()}
-                _kd_state_backend().write(Path(folder, KD_STATE_FILE), tensors, KD_STATE_MANIFEST)
+                manifest = (
+                    KD_STATE_MANIFEST
+                    if cache is None
+                    else json.dumps({**json.loads(KD_STATE_MANIFEST), "teacher_cache": cache})
+                )
+                _kd_state_backend().write(Path(folder, KD_STATE_FILE), tensors, manifest)
         super()._save(output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(
@@ -452,6 +460,7 @@ class KDTrainer(transformers.Trainer):
             return
         reader = _kd_state_backend().open(Path(path))
         try:
+            _check_teacher_cache(json.loads(reader.manifest).get("teacher_cache"), meta, path)
             meta.load_kd_state_dict({name: reader.load(name) for name in reader.tensors})
         except DistillationStateError as exc:
             raise kd.CheckpointMismatchError(path, f"does not fit this kd_config: {exc}") from None
@@ -484,6 +493,33 @@ def _eos_token_ids(model: nn.Module) -> list[int]:
         if eos is not None:
             return [eos] if isinstance(eos, int) else list(eos)
     return []
+
+
+def _teacher_cache_record(meta: DistillationModel) -> dict[str, Any] | None:
+    """What a checkpoint records of a cached teacher: the cache and what it was written from."""
+    cache = getattr(meta.teacher_model, "cache", None)
+    if not isinstance(cache, TeacherCache):
+        return None
+    return {
+        "path": str(cache.folder),
+        "teacher_fingerprint": cache.manifest["teacher"]["fingerprint"],
+        "vocab_size": cache.vocab_size,
+    }
+
+
+def _check_teacher_cache(recorded: Any, meta: DistillationModel, path: str) -> None:
+    """A run trained from a cache resumes from a cache of the same teacher (it may have moved)."""
+    found = _teacher_cache_record(meta)
+    if not isinstance(recorded, dict) or found is None:
+        return
+    for key in ("teacher_fingerprint", "vocab_size"):
+        if recorded.get(key) != found[key]:
+            raise kd.CheckpointMismatchError(
+                path,
+                f"was trained from the teacher cache {recorded.get('path')} ({key} "
+                f"{recorded.get(key)!r}), but this run's teacher is the cache {found['path']} "
+                f"({key} {found[key]!r}): resume with a cache of the same teacher and data",
+            )
 
 
 def _kd_state_backend() -> Any:
