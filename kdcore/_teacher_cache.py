@@ -626,9 +626,12 @@ def _check_cache_folder(folder: Path) -> None:
         )
     if not folder.is_dir() or any(folder.glob("manifest*.json")):
         return
-    # A run killed before its first shard leaves at most shard files and temporary files.
+    # A run killed before its first shard leaves at most shard files and temporary files, and
+    # under torchrun another rank may be writing its first list (a temporary ".manifest-..." file).
     others = sorted(
-        p.name for p in folder.iterdir() if not p.name.startswith(("shard-", ".shard-"))
+        p.name
+        for p in folder.iterdir()
+        if not p.name.startswith(("shard-", ".shard-", ".manifest"))
     )
     if others:
         raise TeacherCacheError(

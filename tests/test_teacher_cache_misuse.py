@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import kdcore as kd
 from kdcore.cli import main
+from kdcore.plugin import TeacherCache
 from tests.conftest import TinyNet
 from tests.test_teacher_cache_cli import write_job
 
@@ -238,6 +239,17 @@ def test_cache_teacher_into_a_file_or_a_foreign_folder_is_refused(tmp_path: Path
     with pytest.raises(kd.TeacherCacheError, match="not empty and not a teacher cache"):
         kd.cache_teacher(teacher(), batches(), tmp_path, top_k=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_another_ranks_manifest_being_written_is_not_a_foreign_file(tmp_path: Path) -> None:
+    # Under torchrun a rank may look at the folder while another writes its first list: the
+    # atomic write's temporary file is there, its manifest-rankR.json not yet (a CI failure).
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / ".manifest-rank0.json.0123456789ab.tmp").write_text("{")
+    (folder / "shard-rank0-00000.safetensors").write_bytes(b"")
+    kd.cache_teacher(teacher(), batches(), folder, top_k=4)
+    assert TeacherCache(folder).examples == sum(len(b) for b in batches())
 
 
 def test_cli_cache_teacher_errors_name_the_flag_or_the_file(

@@ -18,8 +18,6 @@ from kdcore.training.loop import epoch_batches
 from tests.teacher_cache_ranks import data, teacher
 from tests.test_teacher_cache_torchrun import torchrun, write_job
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def assert_same_answers(cache: Path, reference: Path, inputs: torch.Tensor) -> None:
     got, expected = TeacherCache(cache).lookup(inputs), TeacherCache(reference).lookup(inputs)
@@ -50,14 +48,14 @@ def test_cache_teacher_under_torchrun_writes_a_shard_set_per_rank_and_one_manife
 
 @pytest.mark.slow
 def test_a_rank_killed_while_caching_resumes_from_its_own_shards(tmp_path: Path) -> None:
-    cache, script = tmp_path / "cache", str(ROOT / "tests" / "teacher_cache_ranks.py")
-    killed = torchrun(script, str(cache), "3")  # rank 1 dies at its 4th batch
+    cache, script = tmp_path / "cache", "tests.teacher_cache_ranks"  # -m: the root on sys.path
+    killed = torchrun("-m", script, str(cache), "3")  # rank 1 dies at its 4th batch
     assert killed.returncode != 0
     listed = json.loads((cache / "manifest-rank1.json").read_text())["shards"]
     assert [shard["examples"] for shard in listed] == [3, 3, 3]  # its first 3 batches
     (tmp_path / "ran-rank1.txt").unlink()
 
-    resumed = torchrun(script, str(cache))
+    resumed = torchrun("-m", script, str(cache))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     ran = (tmp_path / "ran-rank1.txt").read_text().split()
     assert ran == ["3", "3"]  # its last 2 batches only
