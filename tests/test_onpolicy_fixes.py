@@ -113,6 +113,16 @@ def test_sampled_reverse_kl_without_on_policy_steps_warns(
 
 
 @pytest.mark.parametrize(
+    "options", [{"generation_temperature": 0.7}, {"top_p": 0.9}], ids=["tempered", "top-p"]
+)
+def test_sampled_reverse_kl_on_tempered_or_truncated_samples_warns(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    with pytest.warns(UserWarning, match="sampled_reverse_kl .*tempered or truncated"):
+        trainer(tmp_path, "sampled_reverse_kl", on_policy_fraction=1.0, max_new_tokens=2, **options)
+
+
+@pytest.mark.parametrize(
     ("options", "named"),
     [
         ({"max_new_tokens": 4}, "max_new_tokens"),

@@ -196,9 +196,24 @@ class KDTrainer(transformers.Trainer):
     def _warn_unused_generation_settings(self, meta: DistillationModel) -> None:
         """Warn of settings that do nothing or train on something else than meant."""
         criteria = kd.registries().criteria
-        if self.on_policy_fraction == 0 and any(
+        sampled = any(
             criteria.name_of(type(loss)) == "sampled_reverse_kl" for loss in meta.loss_modules
+        )
+        if (
+            sampled
+            and self.on_policy_fraction > 0
+            and (self.generation_temperature != 1 or self.top_p != 1)
         ):
+            warnings.warn(
+                f"KDTrainer: the sampled_reverse_kl criterion with generation_temperature="
+                f"{self.generation_temperature!r} and top_p={self.top_p!r} estimates the reverse "
+                "KL from a tempered or truncated student's samples, not the student's own "
+                "distribution (its estimators assume temperature 1 and top_p 1): a biased "
+                "estimate; sample at 1 and 1, or use reverse_kl on the generated batch",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.on_policy_fraction == 0 and sampled:
             warnings.warn(
                 "KDTrainer: the sampled_reverse_kl criterion with on_policy_fraction=0 estimates "
                 "the reverse KL from tokens the student did not sample (the dataset's or the "
