@@ -400,9 +400,7 @@ def _check_cache_teacher(recorded: Any, teacher_model: nn.Module, path: Path) ->
         return
     if recorded.get("name") != "cached" or "teacher_fingerprint" not in recorded:
         return
-    found = {"teacher_fingerprint": cache.manifest["teacher"]["fingerprint"]}
-    found["vocab_size"] = cache.vocab_size
-    for key, value in found.items():
+    for key, value in cache.written_from.items():
         if recorded.get(key) not in (None, value):
             raise CheckpointError(
                 path,

@@ -740,6 +740,15 @@ class TeacherCache:
         self._shards.clear()
 
     @property
+    def written_from(self) -> dict[str, Any]:
+        """What the cache depends on that a checkpoint trained from it records: the
+        fingerprint of the teacher's weights and its vocabulary size."""
+        return {
+            "teacher_fingerprint": self.manifest["teacher"]["fingerprint"],
+            "vocab_size": self.vocab_size,
+        }
+
+    @property
     def examples(self) -> int:
         return len(self.index)
 

@@ -37,13 +37,6 @@ class CachedTeacher(nn.Module):
         return f"{str(self.cache.folder)!r}, {self.cache.examples} examples"
 
 
-def _recorded(cache: TeacherCache) -> dict[str, Any]:
-    return {
-        "teacher_fingerprint": cache.manifest["teacher"]["fingerprint"],
-        "vocab_size": cache.vocab_size,
-    }
-
-
 def load_cached_teacher(
     path: str, teacher_fingerprint: str | None = None, vocab_size: int | None = None
 ) -> nn.Module:
@@ -57,7 +50,7 @@ def load_cached_teacher(
         )
     cache = TeacherCache(path)
     expected = {"teacher_fingerprint": teacher_fingerprint, "vocab_size": vocab_size}
-    for key, found in _recorded(cache).items():
+    for key, found in cache.written_from.items():
         if expected[key] is not None and expected[key] != found:
             raise TeacherCacheError(
                 f"the teacher cache {path} does not match the one recorded: {key} is "
@@ -71,7 +64,7 @@ def canonical_cached_teacher(
     path: str, teacher_fingerprint: str | None = None, vocab_size: int | None = None
 ) -> dict[str, Any]:
     """What a checkpoint records: the absolute path and what the cache was written from."""
-    return {"path": os.path.abspath(path), **_recorded(TeacherCache(path))}
+    return {"path": os.path.abspath(path), **TeacherCache(path).written_from}
 
 
 def validate_cached_teacher(

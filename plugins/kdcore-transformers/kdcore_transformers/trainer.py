@@ -515,11 +515,7 @@ def _teacher_cache_record(meta: DistillationModel) -> dict[str, Any] | None:
     cache = getattr(meta.teacher_model, "cache", None)
     if not isinstance(cache, TeacherCache):
         return None
-    return {
-        "path": str(cache.folder),
-        "teacher_fingerprint": cache.manifest["teacher"]["fingerprint"],
-        "vocab_size": cache.vocab_size,
-    }
+    return {"path": str(cache.folder), **cache.written_from}
 
 
 def _check_teacher_cache(recorded: Any, meta: DistillationModel, path: str) -> None:
@@ -527,13 +523,13 @@ def _check_teacher_cache(recorded: Any, meta: DistillationModel, path: str) -> N
     found = _teacher_cache_record(meta)
     if not isinstance(recorded, dict) or found is None:
         return
-    for key in ("teacher_fingerprint", "vocab_size"):
-        if recorded.get(key) != found[key]:
+    for key, value in found.items():
+        if key != "path" and recorded.get(key) != value:
             raise kd.CheckpointMismatchError(
                 path,
                 f"was trained from the teacher cache {recorded.get('path')} ({key} "
                 f"{recorded.get(key)!r}), but this run's teacher is the cache {found['path']} "
-                f"({key} {found[key]!r}): resume with a cache of the same teacher and data",
+                f"({key} {value!r}): resume with a cache of the same teacher and data",
             )
 
 
